@@ -1,0 +1,1 @@
+"""Campaign tables (filled in by the campaigns work)."""

@@ -1,0 +1,1 @@
+"""Segment tables (filled in by the segmentation work)."""

@@ -1,0 +1,1 @@
+"""HTTP blueprints; each module exposes `blp` and is registered by the app factory."""

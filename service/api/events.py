@@ -1,0 +1,74 @@
+"""Purchase and refund events from tills and web shops: `/v1/events`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, json
+from flask.views import MethodView
+from flask_smorest import Blueprint
+
+from service.api.schemas import (
+    EventResponseSchema,
+    IdempotencyHeaderSchema,
+    PurchaseSchema,
+    RefundSchema,
+)
+from service.auth import current_principal, require
+from service.db import unit_of_work
+from service.events import EventResult, record_purchase, record_refund
+from service.models import Role
+
+blp = Blueprint(
+    "events",
+    __name__,
+    url_prefix="/v1/events",
+    description=(
+        "Purchases and refunds. Retries are safe: the same `Idempotency-Key` header or the "
+        "same `transaction_id` returns the original response and changes nothing."
+    ),
+)
+
+
+def _respond(result: EventResult) -> Response:
+    # The stored body is returned verbatim so a replay is byte-for-byte the first answer.
+    resp = Response(json.dumps(result.body), status=result.status, mimetype="application/json")
+    if result.replayed:
+        resp.headers["Idempotent-Replayed"] = "true"
+    return resp
+
+
+@blp.route("/purchases")
+class Purchases(MethodView):
+    @require(Role.POS)
+    @blp.arguments(IdempotencyHeaderSchema, location="headers")
+    @blp.arguments(PurchaseSchema)
+    @blp.response(201, EventResponseSchema)
+    def post(self, headers: dict[str, Any], data: dict[str, Any]) -> Response:
+        """Record a purchase and update the member's statistics."""
+        with unit_of_work() as session:
+            result = record_purchase(
+                session,
+                data,
+                idempotency_key=headers.get("idempotency_key"),
+                scope_store_id=current_principal().store_id,
+            )
+        return _respond(result)
+
+
+@blp.route("/refunds")
+class Refunds(MethodView):
+    @require(Role.POS)
+    @blp.arguments(IdempotencyHeaderSchema, location="headers")
+    @blp.arguments(RefundSchema)
+    @blp.response(201, EventResponseSchema)
+    def post(self, headers: dict[str, Any], data: dict[str, Any]) -> Response:
+        """Record a refund of an earlier purchase (never more than was paid)."""
+        with unit_of_work() as session:
+            result = record_refund(
+                session,
+                data,
+                idempotency_key=headers.get("idempotency_key"),
+                scope_store_id=current_principal().store_id,
+            )
+        return _respond(result)

@@ -1,0 +1,44 @@
+"""Liveness and readiness probes (no auth: load balancers call them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import current_app
+from flask.views import MethodView
+from flask_smorest import Blueprint
+from sqlalchemy import text
+
+from service.db import get_db
+from service.redis_client import get_redis
+
+blp = Blueprint("health", __name__, description="Liveness and readiness")
+
+
+@blp.route("/healthz")
+class Health(MethodView):
+    def get(self) -> dict[str, Any]:
+        """The process is up."""
+        return {"status": "ok"}
+
+
+@blp.route("/readyz")
+class Ready(MethodView):
+    def get(self) -> tuple[dict[str, Any], int]:
+        """PostgreSQL and Redis are reachable (503 otherwise, with the failing part)."""
+        checks: dict[str, Any] = {}
+        try:
+            with get_db().engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:  # noqa: BLE001 - any failure means not ready
+            current_app.logger.warning("readiness: database unreachable: %s", type(exc).__name__)
+            checks["database"] = f"error: {type(exc).__name__}"
+        try:
+            get_redis().ping()
+            checks["redis"] = "ok"
+        except Exception as exc:  # noqa: BLE001
+            current_app.logger.warning("readiness: redis unreachable: %s", type(exc).__name__)
+            checks["redis"] = f"error: {type(exc).__name__}"
+        ok = all(v == "ok" for v in checks.values())
+        return {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503

@@ -1,0 +1,83 @@
+"""The app factory: config in, Flask app out; every subsystem wires itself in init_app."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, request
+from flask_smorest import Api
+from sqlalchemy import Engine
+
+from service import auth, db, errors, logging_setup, redis_client
+from service.config import Config
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+API_DESCRIPTION = """Patron: members, purchases, segments, campaigns and messaging.
+
+Authenticate with `Authorization: Bearer <api key>` (create keys with
+`patron keys create --role ROLE`). Errors are `application/problem+json`.
+"""
+
+
+def create_app(config: Config | None = None, *, engine: Engine | None = None) -> Flask:
+    """Build the API app. Embedded servers are started here if no URLs are configured."""
+    from service import embedded
+
+    config = embedded.resolve(config or Config.from_env())
+    app = Flask("patron")
+    app.config.update(
+        PATRON=config,
+        TESTING=config.testing,
+        MAX_CONTENT_LENGTH=config.max_content_length,
+        API_TITLE="Patron",
+        API_VERSION="v1",
+        OPENAPI_VERSION="3.0.3",
+        OPENAPI_URL_PREFIX="/",
+        OPENAPI_JSON_PATH="openapi.json",
+        API_SPEC_OPTIONS={
+            "info": {"description": API_DESCRIPTION},
+            "components": {
+                "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}
+            },
+            "security": [{"bearer": []}],
+        },
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    logging_setup.configure(config.log_level, config.log_json)
+
+    db.init_app(app, engine or db.make_engine(config))
+    if config.redis_url is None:
+        raise RuntimeError("redis_url is not resolved")
+    redis_client.init_app(app, config.redis_url)
+    auth.init_app(app)
+
+    api = Api(app)
+    from service.api import docs, events, health, members, stores
+
+    for module in (health, stores, members, events):
+        api.register_blueprint(module.blp)
+    app.register_blueprint(docs.blp)
+    # After flask-smorest so our problem+json handlers replace its JSON ones.
+    errors.init_app(app)
+    _request_ids(app)
+    return app
+
+
+def _request_ids(app: Flask) -> None:
+    @app.before_request
+    def _assign() -> None:
+        incoming = request.headers.get("X-Request-ID", "")
+        g.request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+
+    @app.after_request
+    def _echo(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        return response
+
+
+def wsgi_app(**_: Any) -> Flask:
+    """Entry point for gunicorn (`service.app:wsgi_app()`)."""
+    return create_app()
