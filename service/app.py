@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -67,14 +69,26 @@ def create_app(config: Config | None = None, *, engine: Engine | None = None) ->
 
 
 def _request_ids(app: Flask) -> None:
+    access = logging.getLogger("patron.access")
+
     @app.before_request
     def _assign() -> None:
         incoming = request.headers.get("X-Request-ID", "")
         g.request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.started = time.perf_counter()
 
     @app.after_request
     def _echo(response: Response) -> Response:
         response.headers["X-Request-ID"] = g.get("request_id", "")
+        if access.isEnabledFor(logging.INFO):
+            # Path and status only: bodies carry personal data and are never logged.
+            access.info(
+                "%s %s %s %.1fms",
+                request.method,
+                request.path,
+                response.status_code,
+                (time.perf_counter() - g.get("started", time.perf_counter())) * 1000,
+            )
         return response
 
 

@@ -31,6 +31,8 @@ class Config:
     api_key_cache_seconds: float = 10.0
     db_pool_size: int = 5
     queue_name: str = "default"
+    # One currency per deployment: statistics and budgets add amounts together.
+    currency: str = "CNY"
     attributes_max_keys: int = 50
     attributes_max_bytes: int = 4096
     tags_max: int = 50
@@ -52,6 +54,7 @@ class Config:
             ),
             db_pool_size=int(env.get("PATRON_DB_POOL_SIZE", cls.db_pool_size)),
             queue_name=env.get("PATRON_QUEUE", cls.queue_name),
+            currency=env.get("PATRON_CURRENCY", cls.currency).upper(),
         )
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known

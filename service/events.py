@@ -22,7 +22,7 @@ class EventResult:
     """What the till gets back; `replayed` is true when this answers a retry."""
 
     status: int
-    body: dict[str, Any]
+    body: str
     replayed: bool
 
 
@@ -96,7 +96,7 @@ _CONSUME_REFUNDABLE = text(
     """
 )
 
-_SAVE_RESPONSE = text("UPDATE transactions SET response = CAST(:response AS jsonb) WHERE id = :id")
+_SAVE_RESPONSE = text("UPDATE transactions SET response = :response WHERE id = :id")
 
 
 def _replay(
@@ -115,6 +115,10 @@ def _replay(
             "this transaction id or Idempotency-Key was already used for a different request",
             errors={"transaction_id": ["already recorded with different content"]},
         )
+    if row.response is None:
+        # Loaded by bulk import: there was no HTTP answer to repeat.
+        body = json.dumps({"transaction_id": external_id, "status": "already_recorded"})
+        return EventResult(status=200, body=body, replayed=True)
     return EventResult(status=201, body=row.response, replayed=True)
 
 
@@ -200,8 +204,9 @@ def record_purchase(
         # Filled by campaigns (coupons issued, tier change) as those land.
         "rewards": {"coupons": [], "tier_change": None},
     }
-    session.execute(_SAVE_RESPONSE, {"response": json.dumps(body), "id": inserted.id})
-    return EventResult(status=201, body=body, replayed=False)
+    text_body = json.dumps(body)
+    session.execute(_SAVE_RESPONSE, {"response": text_body, "id": inserted.id})
+    return EventResult(status=201, body=text_body, replayed=False)
 
 
 def record_refund(
@@ -273,5 +278,6 @@ def record_refund(
         "refundable_remaining": str(remaining.remaining),
         "member": _stats_body(stats),
     }
-    session.execute(_SAVE_RESPONSE, {"response": json.dumps(body), "id": inserted.id})
-    return EventResult(status=201, body=body, replayed=False)
+    text_body = json.dumps(body)
+    session.execute(_SAVE_RESPONSE, {"response": text_body, "id": inserted.id})
+    return EventResult(status=201, body=text_body, replayed=False)

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from gunicorn.app.base import BaseApplication
 
 
+def _create_app() -> Any:
+    # Each worker builds its own app (and engine) after the fork.
+    from service.app import create_app
+
+    return create_app()
+
+
 class PatronServer(BaseApplication):  # type: ignore[misc]
-    def __init__(self, options: dict[str, Any]) -> None:
+    def __init__(self, options: dict[str, Any], loader: Callable[[], Any] = _create_app) -> None:
         self.options = options
+        self.loader = loader
         super().__init__()
 
     def load_config(self) -> None:
@@ -17,23 +26,23 @@ class PatronServer(BaseApplication):  # type: ignore[misc]
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        # Each worker builds its own app (and engine) after the fork.
-        from service.app import create_app
+        return self.loader()
 
-        return create_app()
+
+def server_options(host: str, port: int, workers: int, threads: int = 1) -> dict[str, Any]:
+    """The gunicorn settings of `patron serve` (the benchmarks reuse them for a fair baseline)."""
+    return {
+        "bind": f"{host}:{port}",
+        "workers": workers,
+        "threads": threads,
+        "worker_class": "gthread" if threads > 1 else "sync",
+        "accesslog": None,
+        "preload_app": False,
+        "timeout": 60,
+        "graceful_timeout": 20,
+    }
 
 
 def run(host: str, port: int, workers: int, threads: int = 1) -> None:
     """Serve the API; blocks until gunicorn exits."""
-    PatronServer(
-        {
-            "bind": f"{host}:{port}",
-            "workers": workers,
-            "threads": threads,
-            "worker_class": "gthread" if threads > 1 else "sync",
-            "accesslog": None,
-            "preload_app": False,
-            "timeout": 60,
-            "graceful_timeout": 20,
-        }
-    ).run()
+    PatronServer(server_options(host, port, workers, threads)).run()

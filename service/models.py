@@ -148,8 +148,8 @@ class Transaction(Base):
     # For purchases: what has been refunded so far, raised by a conditional UPDATE so
     # concurrent refunds can never exceed the purchase.
     refunded_amount: Mapped[Decimal] = mapped_column(Money, server_default=text("0"))
-    # The answer given to the client, returned verbatim on replay.
-    response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The answer given to the client as sent (text, not jsonb, so a replay is byte-identical).
+    response: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
     __table_args__ = (

@@ -121,7 +121,7 @@ def upgrade() -> None:
     sa.Column('items', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
     sa.Column('original_id', sa.BigInteger(), nullable=True),
     sa.Column('refunded_amount', sa.Numeric(precision=14, scale=2), server_default=sa.text('0'), nullable=False),
-    sa.Column('response', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('response', sa.Text(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.CheckConstraint("(kind = 'refund') = (original_id IS NOT NULL)", name=op.f('ck_transactions_refund_has_original')),
     sa.CheckConstraint("channel IN ('pos', 'ecom')", name=op.f('ck_transactions_channel')),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flask import Response, json
+from flask import Response, current_app
 from flask.views import MethodView
 from flask_smorest import Blueprint
 
@@ -16,6 +16,7 @@ from service.api.schemas import (
 )
 from service.auth import current_principal, require
 from service.db import unit_of_work
+from service.errors import ValidationFailed
 from service.events import EventResult, record_purchase, record_refund
 from service.models import Role
 
@@ -30,9 +31,18 @@ blp = Blueprint(
 )
 
 
+def _check_currency(data: dict[str, Any]) -> None:
+    expected = current_app.config["PATRON"].currency
+    if data["currency"] != expected:
+        raise ValidationFailed(
+            f"this deployment records amounts in {expected}",
+            errors={"currency": [f"must be {expected}"]},
+        )
+
+
 def _respond(result: EventResult) -> Response:
     # The stored body is returned verbatim so a replay is byte-for-byte the first answer.
-    resp = Response(json.dumps(result.body), status=result.status, mimetype="application/json")
+    resp = Response(result.body, status=result.status, mimetype="application/json")
     if result.replayed:
         resp.headers["Idempotent-Replayed"] = "true"
     return resp
@@ -46,6 +56,7 @@ class Purchases(MethodView):
     @blp.response(201, EventResponseSchema)
     def post(self, headers: dict[str, Any], data: dict[str, Any]) -> Response:
         """Record a purchase and update the member's statistics."""
+        _check_currency(data)
         with unit_of_work() as session:
             result = record_purchase(
                 session,
@@ -64,6 +75,7 @@ class Refunds(MethodView):
     @blp.response(201, EventResponseSchema)
     def post(self, headers: dict[str, Any], data: dict[str, Any]) -> Response:
         """Record a refund of an earlier purchase (never more than was paid)."""
+        _check_currency(data)
         with unit_of_work() as session:
             result = record_refund(
                 session,
