@@ -33,7 +33,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -140,7 +140,8 @@ CN_GIVEN = (
     ("勇", "yong"), ("艳", "yan"), ("杰", "jie"), ("娟", "juan"), ("涛", "tao"),
     ("明", "ming"), ("超", "chao"), ("秀英", "xiuying"), ("霞", "xia"), ("平", "ping"),
     ("刚", "gang"), ("桂英", "guiying"), ("晨", "chen"), ("子涵", "zihan"), ("欣怡", "xinyi"),
-    ("浩然", "haoran"), ("雨桐", "yutong"), ("宇轩", "yuxuan"), ("梓萱", "zixuan"), ("俊杰", "junjie"),
+    ("浩然", "haoran"), ("雨桐", "yutong"), ("宇轩", "yuxuan"), ("梓萱", "zixuan"),
+    ("俊杰", "junjie"),
 )  # fmt: skip
 EN_FIRST = (
     "James", "Mary", "John", "Patricia", "Robert", "Jennifer", "Michael", "Linda",
@@ -254,7 +255,7 @@ def _offset_tables(
         zone = ZoneInfo(name)
 
         def offset(hour: int, zone: ZoneInfo = zone) -> int:
-            moment = datetime.fromtimestamp(hour * 3600, tz=timezone.utc).astimezone(zone)
+            moment = datetime.fromtimestamp(hour * 3600, tz=UTC).astimezone(zone)
             delta = moment.utcoffset()
             assert delta is not None
             return int(delta.total_seconds()) // 60
@@ -276,7 +277,9 @@ def _offset_tables(
 
 def _tx_format(fmt: str) -> TxFormat:
     skus = [
-        f"{cat[:3].upper()}-{num:04d}" for cat in CATEGORIES for num in range(1, SKUS_PER_CATEGORY + 1)
+        f"{cat[:3].upper()}-{num:04d}"
+        for cat in CATEGORIES
+        for num in range(1, SKUS_PER_CATEGORY + 1)
     ]
     cats = [cat for cat in CATEGORIES for _ in range(SKUS_PER_CATEGORY)]
     if fmt == "csv":
@@ -284,7 +287,7 @@ def _tx_format(fmt: str) -> TxFormat:
         # as csv.writer would write it.
         heads = [
             f'{{""sku"":""{sku}"",""category"":""{cat}"",""quantity"":{q},""amount"":""'
-            for sku, cat in zip(skus, cats)
+            for sku, cat in zip(skus, cats, strict=True)
             for q in range(1, QUANTITIES + 1)
         ]
         item = '%s%d.%02d""}'
@@ -301,7 +304,7 @@ def _tx_format(fmt: str) -> TxFormat:
         )
     heads = [
         f'{{"sku":"{sku}","category":"{cat}","quantity":{q},"amount":"'
-        for sku, cat in zip(skus, cats)
+        for sku, cat in zip(skus, cats, strict=True)
         for q in range(1, QUANTITIES + 1)
     ]
     item = '%s%d.%02d"}'
@@ -370,7 +373,7 @@ def make_plan(cfg: Config, stores: list[tuple[str, str, str]]) -> Plan:
     # Heterogeneous purchase rates; counts are multinomial in rate x window, which is the
     # Poisson process conditioned on the total (so the total is exactly what we want).
     rate = rng.gamma(0.6, 1.0, size=n)
-    n_refunds = int(round(cfg.transactions * REFUND_SHARE))
+    n_refunds = round(cfg.transactions * REFUND_SHARE)
     n_purchases = cfg.transactions - n_refunds
     if n_purchases < n_refunds or n_purchases == 0:
         n_purchases, n_refunds = cfg.transactions, 0
@@ -421,9 +424,9 @@ def make_plan(cfg: Config, stores: list[tuple[str, str, str]]) -> Plan:
     codes = [s[0] for s in stores]
     channels = ["pos"] * n_physical + ["ecom"] * len(ECOM_STORES)
     if cfg.fmt == "csv":
-        sc = [f"{c},{ch}" for c, ch in zip(codes, channels)]
+        sc = [f"{c},{ch}" for c, ch in zip(codes, channels, strict=True)]
     else:
-        sc = [f'"store":"{c}","channel":"{ch}"' for c, ch in zip(codes, channels)]
+        sc = [f'"store":"{c}","channel":"{ch}"' for c, ch in zip(codes, channels, strict=True)]
     txf = TxFormat(
         templates=txf.templates,
         item_heads=txf.item_heads,
@@ -477,7 +480,7 @@ def _phone_numbers(idx: I64, tz: npt.NDArray[np.int8], rng: np.random.Generator)
         subscriber = (idx[sel] * 7_919_317 + 1_234_567) % modulus
         pre = np.array([cc + p for p in prefixes], dtype=object)[pick[sel] % len(prefixes)]
         fmt = "%s%0" + str(digits) + "d"
-        for i, p, s in zip(sel.tolist(), pre.tolist(), subscriber.tolist()):
+        for i, p, s in zip(sel.tolist(), pre.tolist(), subscriber.tolist(), strict=True):
             out[i] = fmt % (p, s)
     return out
 
@@ -497,7 +500,8 @@ def _birth_dates(n: int, end: date, rng: np.random.Generator) -> list[str]:
         leap, years = leap[ok], years[ok]
         feb29 = (years - 1970).astype("datetime64[Y]").astype("datetime64[D]") + 59
         birth[leap] = feb29
-    return np.datetime_as_string(birth, unit="D").tolist()
+    dates: list[str] = np.datetime_as_string(birth, unit="D").tolist()
+    return dates
 
 
 def _attributes(fav: npt.NDArray[np.int8], rng: np.random.Generator) -> list[dict[str, Any]]:
@@ -510,7 +514,7 @@ def _attributes(fav: npt.NDArray[np.int8], rng: np.random.Generator) -> list[dic
     out: list[dict[str, Any]] = []
     for f, hf, hs, hr, size, ref in zip(
         fav.tolist(), has_fav.tolist(), has_size.tolist(), has_ref.tolist(), sizes.tolist(),
-        refs.tolist(),
+        refs.tolist(), strict=True,
     ):  # fmt: skip
         attrs: dict[str, Any] = {}
         if hf:
@@ -557,21 +561,23 @@ def _member_rows(plan: Plan, lo: int, hi: int, rng: np.random.Generator) -> list
     attrs = _attributes(plan.fav[lo:hi], rng)
     has_attrs = (rng.random(n) < 0.85).tolist()
     consents = list(
-        zip(c_email.tolist(), c_sms.tolist(), c_push.tolist(), c_wechat.tolist())
+        zip(c_email.tolist(), c_sms.tolist(), c_push.tolist(), c_wechat.tolist(), strict=True)
     )
     tag_list = tag_bits.tolist()
 
     genders = ("female", "male", "other", None)
     tz_names = [z[0] for z in TIMEZONES]
     codes = plan.store_codes
-    tag_sets = [[t for j, (t, _p) in enumerate(TAGS) if bits >> j & 1] for bits in range(1 << len(TAGS))]
+    tag_sets = [
+        [t for j, (t, _p) in enumerate(TAGS) if bits >> j & 1] for bits in range(1 << len(TAGS))
+    ]
     rows: list[list[Any]] = []
-    for i, (number, is_zh, s, g, f, l, odd, gen, hb, hp, he, dom, z, home) in enumerate(
+    for i, (number, is_zh, s, g, f, ln, odd, gen, hb, hp, he, dom, z, home) in enumerate(
         zip(
             range(lo + 1, hi + 1), zh.tolist(), sur.tolist(), given.tolist(), first.tolist(),
             last.tolist(), odd_name.tolist(), gender.tolist(), has_birth.tolist(),
             has_phone.tolist(), has_email.tolist(), domain.tolist(), tz.tolist(),
-            plan.home[lo:hi].tolist(),
+            plan.home[lo:hi].tolist(), strict=True,
         )
     ):  # fmt: skip
         if is_zh:
@@ -581,7 +587,7 @@ def _member_rows(plan: Plan, lo: int, hi: int, rng: np.random.Generator) -> list
             local = f"{g_pin}.{s_pin}{number}"
         else:
             f_name = EN_FIRST[f]
-            l_name, l_ascii = EN_LAST[l]
+            l_name, l_ascii = EN_LAST[ln]
             name = f"{f_name} {l_name}"
             if odd < 0.004:
                 name += ", Jr."
@@ -645,7 +651,11 @@ STORE_FIELDS = ("code", "name", "region")
 def _members_text(rows: list[list[Any]], fmt: str) -> str:
     if fmt == "ndjson":
         return "".join(
-            json.dumps(dict(zip(MEMBER_FIELDS, row)), ensure_ascii=False, separators=(",", ":"))
+            json.dumps(
+                dict(zip(MEMBER_FIELDS, row, strict=True)),
+                ensure_ascii=False,
+                separators=(",", ":"),
+            )
             + "\n"
             for row in rows
         )
@@ -752,25 +762,25 @@ def _tx_text(plan: Plan, b: int, lo: int, hi: int, rng: np.random.Generator) -> 
     position = np.empty(n, dtype=np.int64)
     position[order] = np.arange(n)
     first = int(plan.block_tx_start[b]) + 1
-    ids = (first + np.arange(n)).tolist()
-    mem_ids = (mem[order] + 1).tolist()
-    kinds = [plan.txf.purchase_kind] * n
-    refund_pos = position[n_p:]
-    original = first + position[src]
-    for p, o in zip(refund_pos.tolist(), original.tolist()):
-        kinds[p] = plan.txf.refund_kind % o
+    original = (first + position[src]).tolist()
+    kinds = np.full(n, plan.txf.purchase_kind, dtype=object)
+    kinds[position[n_p:]] = [plan.txf.refund_kind % o for o in original]
     t, tz, k = t[order], tz[order], k[order]
-    cents = cents[order]
-    item_cents, head = item_cents[order], head[order]
     hour_idx = t // 3600 - plan.hour0
     local = t + plan.off_minutes[tz, hour_idx].astype(np.int64) * 60
-    hours = plan.local_hours[local // 3600 - plan.local_hour0].tolist()
-    min_sec = plan.min_sec[local % 3600].tolist()
-    offsets = plan.off_strings[plan.off_index[tz, hour_idx]].tolist()
-    stores = plan.txf.store_channel[store[order]].tolist()
-    units = (cents // 100).tolist()
-    frac = (cents % 100).tolist()
-    heads = plan.txf.item_heads[head]
+    cents, item_cents = cents[order], item_cents[order]
+    columns: list[npt.NDArray[Any]] = [
+        first + np.arange(n),
+        mem[order] + 1,
+        kinds,
+        cents // 100,
+        cents % 100,
+        plan.txf.store_channel[store[order]],
+        plan.local_hours[local // 3600 - plan.local_hour0],
+        plan.min_sec[local % 3600],
+        plan.off_strings[plan.off_index[tz, hour_idx]],
+    ]
+    heads = plan.txf.item_heads[head[order]]
     iu, ic = item_cents // 100, item_cents % 100
 
     # Format per item count with a fixed template, then restore the row order.
@@ -780,22 +790,11 @@ def _tx_text(plan: Plan, b: int, lo: int, hi: int, rng: np.random.Generator) -> 
         rows = np.flatnonzero(k == kk)
         if not len(rows):
             continue
-        rl = rows.tolist()
-        cols: list[Sequence[Any]] = [
-            [ids[i] for i in rl],
-            [mem_ids[i] for i in rl],
-            [kinds[i] for i in rl],
-            [units[i] for i in rl],
-            [frac[i] for i in rl],
-            [stores[i] for i in rl],
-            [hours[i] for i in rl],
-            [min_sec[i] for i in rl],
-            [offsets[i] for i in rl],
-        ]
+        cols = [c[rows].tolist() for c in columns]
         for j in range(kk):
             cols += [heads[rows, j].tolist(), iu[rows, j].tolist(), ic[rows, j].tolist()]
         template = plan.txf.templates[kk - 1]
-        lines.extend([template % values for values in zip(*cols)])
+        lines.extend([template % values for values in zip(*cols, strict=True)])
         placed.append(rows)
     where = np.empty(n, dtype=np.int64)
     where[np.concatenate(placed)] = np.arange(n)
@@ -860,7 +859,9 @@ def write_stores(path: Path, stores: list[tuple[str, str, str]], fmt: str) -> No
             writer.writerows(stores)
         else:
             for row in stores:
-                f.write(json.dumps(dict(zip(STORE_FIELDS, row)), ensure_ascii=False) + "\n")
+                f.write(
+                    json.dumps(dict(zip(STORE_FIELDS, row, strict=True)), ensure_ascii=False) + "\n"
+                )
 
 
 def _log(message: str) -> None:

@@ -171,6 +171,21 @@ def keys_create(role: str, store: str | None, name: str | None) -> None:
     click.echo(raw)
 
 
+@main.group("embedded")
+def embedded_group() -> None:
+    """The embedded PostgreSQL and Redis used when no servers are configured."""
+
+
+@embedded_group.command("stop")
+def embedded_stop() -> None:
+    """Stop the embedded servers (their data stays under PATRON_DATA_DIR)."""
+    from service import embedded
+
+    config = Config.from_env()
+    stopped = embedded.stop(config.data_dir)
+    click.echo(f"stopped: {', '.join(stopped) or 'nothing was running'} ({config.data_dir})")
+
+
 @main.command()
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--no-serve", is_flag=True, help="Load and report, then exit.")

@@ -45,7 +45,9 @@ class Config:
         cfg = cls(
             database_url=env.get("DATABASE_URL") or None,
             redis_url=env.get("REDIS_URL") or None,
-            data_dir=Path(env["PATRON_DATA_DIR"]) if env.get("PATRON_DATA_DIR") else default_data_dir(),
+            data_dir=Path(env["PATRON_DATA_DIR"])
+            if env.get("PATRON_DATA_DIR")
+            else default_data_dir(),
             max_content_length=int(env.get("PATRON_MAX_BODY_BYTES", cls.max_content_length)),
             log_level=env.get("PATRON_LOG_LEVEL", cls.log_level).upper(),
             log_json=env.get("PATRON_LOG_JSON", "1") not in ("0", "false", "no"),

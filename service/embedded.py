@@ -56,14 +56,22 @@ def ensure_redis(data_dir: Path) -> str:
     subprocess.run(  # noqa: S603 - fixed argv, no shell
         [
             _redis_executable(),
-            "--daemonize", "yes",
-            "--port", "0",
-            "--unixsocket", str(sock),
-            "--unixsocketperm", "700",
-            "--dir", str(rdir),
-            "--pidfile", str(rdir / "redis.pid"),
-            "--logfile", str(rdir / "redis.log"),
-            "--appendonly", "yes",
+            "--daemonize",
+            "yes",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(rdir),
+            "--pidfile",
+            str(rdir / "redis.pid"),
+            "--logfile",
+            str(rdir / "redis.log"),
+            "--appendonly",
+            "yes",
         ],
         check=True,
     )
@@ -93,3 +101,35 @@ def export_env(config: Config) -> None:
         os.environ["DATABASE_URL"] = config.database_url
     if config.redis_url:
         os.environ["REDIS_URL"] = config.redis_url
+
+
+def _stop_pid(pid_file: Path, sig: int) -> bool:
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return False
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        return False
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def stop(data_dir: Path) -> list[str]:
+    """Stop the embedded servers under `data_dir` (data is kept); returns what was stopped."""
+    import signal
+
+    stopped = []
+    # SIGINT is PostgreSQL's "fast" shutdown: roll back open transactions, then exit cleanly.
+    if _stop_pid(data_dir / "postgres" / "postmaster.pid", signal.SIGINT):
+        stopped.append("postgres")
+    if _stop_pid(data_dir / "redis" / "redis.pid", signal.SIGTERM):
+        stopped.append("redis")
+    return stopped

@@ -110,15 +110,15 @@ def _replay(
     ).first()
     if row is None:
         return None
+    if row.response is None:
+        # Loaded by bulk import: there was no HTTP answer to repeat.
+        body = json.dumps({"transaction_id": external_id, "status": "already_recorded"})
+        return EventResult(status=200, body=body, replayed=True)
     if row.request_hash != digest:
         raise Conflict(
             "this transaction id or Idempotency-Key was already used for a different request",
             errors={"transaction_id": ["already recorded with different content"]},
         )
-    if row.response is None:
-        # Loaded by bulk import: there was no HTTP answer to repeat.
-        body = json.dumps({"transaction_id": external_id, "status": "already_recorded"})
-        return EventResult(status=200, body=body, replayed=True)
     return EventResult(status=201, body=row.response, replayed=True)
 
 
@@ -139,7 +139,9 @@ def _explain_missing(
     return ValidationFailed("The event refers to something that does not exist.", errors=errors)
 
 
-def _params(payload: Mapping[str, Any], kind: str, key: str | None, digest: bytes) -> dict[str, Any]:
+def _params(
+    payload: Mapping[str, Any], kind: str, key: str | None, digest: bytes
+) -> dict[str, Any]:
     items = payload.get("items")
     return {
         "external_id": payload["transaction_id"],

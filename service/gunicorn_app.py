@@ -15,7 +15,7 @@ def _create_app() -> Any:
     return create_app()
 
 
-class PatronServer(BaseApplication):  # type: ignore[misc]
+class PatronServer(BaseApplication):
     def __init__(self, options: dict[str, Any], loader: Callable[[], Any] = _create_app) -> None:
         self.options = options
         self.loader = loader

@@ -30,8 +30,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def job_app() -> Flask:
     """The app of this process, rebuilt after a fork so no connection crosses it."""
-    global _APP, _APP_PID  # noqa: PLW0603 - one app per process
-    if _APP is None or _APP_PID != os.getpid():
+    global _APP, _APP_PID
+    if _APP is None or os.getpid() != _APP_PID:
         from service.app import create_app
 
         _APP = create_app()

@@ -11,13 +11,23 @@ from flask import g, has_app_context
 from pythonjsonlogger.json import JsonFormatter
 
 EMAIL = re.compile(r"[\w.+-]+@[\w-]+(\.[\w-]+)+")
-PHONE = re.compile(r"(?<![\w-])\+?\d[\d \-]{7,}\d(?![\w-])")
+PHONE = re.compile(r"(?<![\w-])\+?\d[\d \-]{6,}\d(?![\w-])")
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def _mask_phone(match: re.Match[str]) -> str:
+    candidate = match.group(0)
+    digits = sum(c.isdigit() for c in candidate)
+    # ISO dates and short numbers (amounts, counts) are not phone numbers.
+    if DATE.match(candidate) or digits < 8:
+        return candidate
+    return "***" + candidate[-2:]
 
 
 def redact(text: str) -> str:
     """Mask e-mail addresses and phone numbers, keeping a hint for support staff."""
     text = EMAIL.sub(lambda m: m.group(0)[0] + "***@***", text)
-    return PHONE.sub(lambda m: "***" + m.group(0)[-2:], text)
+    return PHONE.sub(_mask_phone, text)
 
 
 class RedactingFilter(logging.Filter):

@@ -30,7 +30,7 @@ PERSONAL_FIELDS = ("name", "gender", "birth_date", "phone", "email")
 
 
 def _member_columns() -> Select[Any]:
-    return select(
+    stmt: Select[Any] = select(  # type: ignore[assignment]
         Member.id,
         Member.external_id,
         Member.name,
@@ -53,9 +53,10 @@ def _member_columns() -> Select[Any]:
         Member.updated_at,
         Member.erased_at,
     ).outerjoin(Store, Store.id == Member.home_store_id)
+    return stmt
 
 
-def member_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+def member_dict(row: Mapping[Any, Any]) -> dict[str, Any]:
     """Shape a member row the way the API shows it."""
     data = {k: row[k] for k in ("external_id", *PROFILE_FIELDS, "home_store", "tier", "status")}
     data["consent"] = {ch: row[f"consent_{ch}"] for ch in CONSENT_CHANNELS}
@@ -108,17 +109,14 @@ def upsert_member(
                 "a store-scoped key can only register members of its own store",
                 errors={"home_store": ["must be the key's store"]},
             )
-    stmt = insert(Member).values(external_id=external_id, **values)
-    update_values = {k: stmt.excluded[k] for k in values}
+    ins = insert(Member).values(external_id=external_id, **values)
+    update_values: dict[str, Any] = {k: ins.excluded[k] for k in values}
     update_values["updated_at"] = func.now()
-    stmt = stmt.on_conflict_do_update(
+    stmt: Any = ins.on_conflict_do_update(
         index_elements=[Member.external_id],
         set_=update_values,
         where=(Member.status == MemberStatus.ACTIVE.value)
-        & (
-            literal(scope_store_id is None)
-            | (Member.home_store_id == literal(scope_store_id))
-        ),
+        & (literal(scope_store_id is None) | (Member.home_store_id == literal(scope_store_id))),
     ).returning(Member.id, literal_column("(xmax = 0)").label("created"))
     row = session.execute(stmt).first()
     if row is None:
@@ -160,20 +158,22 @@ def update_member(
         )
     if values:
         session.execute(
-            update(Member)
-            .where(Member.id == current["id"])
-            .values(**values, updated_at=func.now())
+            update(Member).where(Member.id == current["id"]).values(**values, updated_at=func.now())
         )
     audit(session, actor, "member.updated", "member", external_id, {"fields": sorted(data)})
     return get_member(session, external_id)
 
 
 def _find(session: Session, external_id: str, scope_store_id: int | None) -> dict[str, Any]:
-    row = session.execute(
-        _member_columns()
-        .add_columns(Member.home_store_id)
-        .where(Member.external_id == external_id)
-    ).mappings().first()
+    row = (
+        session.execute(
+            _member_columns()
+            .add_columns(Member.home_store_id)
+            .where(Member.external_id == external_id)
+        )
+        .mappings()
+        .first()
+    )
     if row is None:
         raise NotFound(f"member {external_id!r} not found")
     _check_scope(session, row["home_store_id"], scope_store_id)
@@ -222,9 +222,9 @@ def list_members(
     if region is not None:
         stmt = stmt.where(
             Member.home_store_id.in_(
-                select(Store.id).join(Region, Region.id == Store.region_id).where(
-                    Region.code == region
-                )
+                select(Store.id)
+                .join(Region, Region.id == Store.region_id)
+                .where(Region.code == region)
             )
         )
     if tier is not None:
@@ -246,17 +246,21 @@ def get_profile(
 ) -> dict[str, Any]:
     """The member with their statistics (segments, tier and offers join later)."""
     found = _find(session, external_id, scope_store_id)
-    stats = session.execute(
-        select(
-            MemberStats.first_purchase_at,
-            MemberStats.last_purchase_at,
-            MemberStats.purchase_count,
-            MemberStats.purchase_amount,
-            MemberStats.refund_count,
-            MemberStats.refund_amount,
-            MemberStats.net_spend,
-        ).where(MemberStats.member_id == found["id"])
-    ).mappings().first()
+    stats = (
+        session.execute(
+            select(
+                MemberStats.first_purchase_at,
+                MemberStats.last_purchase_at,
+                MemberStats.purchase_count,
+                MemberStats.purchase_amount,
+                MemberStats.refund_count,
+                MemberStats.refund_amount,
+                MemberStats.net_spend,
+            ).where(MemberStats.member_id == found["id"])
+        )
+        .mappings()
+        .first()
+    )
     empty = {
         "first_purchase_at": None,
         "last_purchase_at": None,

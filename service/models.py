@@ -44,7 +44,7 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-class Role(str, enum.Enum):
+class Role(enum.StrEnum):
     ADMIN = "admin"
     MARKETER = "marketer"
     APPROVER = "approver"
@@ -52,17 +52,17 @@ class Role(str, enum.Enum):
     ANALYST = "analyst"
 
 
-class MemberStatus(str, enum.Enum):
+class MemberStatus(enum.StrEnum):
     ACTIVE = "active"
     ERASED = "erased"
 
 
-class TransactionKind(str, enum.Enum):
+class TransactionKind(enum.StrEnum):
     PURCHASE = "purchase"
     REFUND = "refund"
 
 
-class SalesChannel(str, enum.Enum):
+class SalesChannel(enum.StrEnum):
     POS = "pos"
     ECOM = "ecom"
 
@@ -196,9 +196,7 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
     __table_args__ = (
-        CheckConstraint(
-            "role IN ('admin', 'marketer', 'approver', 'pos', 'analyst')", name="role"
-        ),
+        CheckConstraint("role IN ('admin', 'marketer', 'approver', 'pos', 'analyst')", name="role"),
     )
 
 

@@ -28,10 +28,10 @@ def upsert_store(
 ) -> tuple[dict[str, Any], bool]:
     """Create or rename/move a store; returns (store, created)."""
     region_id = ensure_region(session, region)
-    stmt = insert(Store).values(code=code, name=name, region_id=region_id)
-    stmt = stmt.on_conflict_do_update(
+    ins = insert(Store).values(code=code, name=name, region_id=region_id)
+    stmt: Any = ins.on_conflict_do_update(
         index_elements=[Store.code],
-        set_={"name": stmt.excluded.name, "region_id": stmt.excluded.region_id},
+        set_={"name": ins.excluded.name, "region_id": ins.excluded.region_id},
     ).returning(Store.id, literal_column("(xmax = 0)").label("created"))
     created = session.execute(stmt).one()
     audit(session, actor, "store.upserted", "store", code, {"name": name, "region": region})
@@ -39,11 +39,15 @@ def upsert_store(
 
 
 def get_store(session: Session, code: str) -> dict[str, Any]:
-    row = session.execute(
-        select(Store.code, Store.name, Region.code.label("region"), Store.created_at)
-        .join(Region, Region.id == Store.region_id)
-        .where(Store.code == code)
-    ).mappings().one()
+    row = (
+        session.execute(
+            select(Store.code, Store.name, Region.code.label("region"), Store.created_at)
+            .join(Region, Region.id == Store.region_id)
+            .where(Store.code == code)
+        )
+        .mappings()
+        .one()
+    )
     return dict(row)
 
 

@@ -33,12 +33,15 @@ def stats_of(session: Session, external_id: str) -> MemberStats | None:
 
 
 def count_transactions(session: Session, external_id: str) -> int:
-    return session.scalar(
-        select(func.count())
-        .select_from(Transaction)
-        .join(Member, Member.id == Transaction.member_id)
-        .where(Member.external_id == external_id)
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Transaction)
+            .join(Member, Member.id == Transaction.member_id)
+            .where(Member.external_id == external_id)
+        )
+        or 0
+    )
 
 
 def test_purchase_updates_statistics_and_answers_the_till(
@@ -137,14 +140,18 @@ def test_refunds_accumulate_and_cannot_exceed_the_purchase(
     purchase = purchase_payload(member, store, amount="100.00")
     client.post("/v1/events/purchases", json=purchase, headers=pos)
     original = purchase["transaction_id"]
-    r1 = client.post("/v1/events/refunds", json=refund(member, store, original, "60.00"), headers=pos)
+    r1 = client.post(
+        "/v1/events/refunds", json=refund(member, store, original, "60.00"), headers=pos
+    )
     assert r1.status_code == 201 and r1.json["refundable_remaining"] == "40.00"
     too_much = client.post(
         "/v1/events/refunds", json=refund(member, store, original, "40.01"), headers=pos
     )
     assert too_much.status_code == 422
     assert too_much.json["errors"]["amount"] == ["at most 40.00 can still be refunded"]
-    r2 = client.post("/v1/events/refunds", json=refund(member, store, original, "40.00"), headers=pos)
+    r2 = client.post(
+        "/v1/events/refunds", json=refund(member, store, original, "40.00"), headers=pos
+    )
     assert r2.status_code == 201 and r2.json["refundable_remaining"] == "0.00"
     stats = stats_of(session, member)
     assert stats is not None

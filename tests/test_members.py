@@ -155,9 +155,7 @@ def test_attributes_are_bounded(client: FlaskClient, auth: KeyFactory, store: st
     assert resp.status_code == 422
 
 
-def test_unknown_home_store_is_rejected_and_nothing_written(
-    client: FlaskClient, auth: KeyFactory
-):
+def test_unknown_home_store_is_rejected_and_nothing_written(client: FlaskClient, auth: KeyFactory):
     h = auth("marketer")
     ext = unique("M")
     resp = client.post("/v1/members", json={"external_id": ext, "home_store": "NOWHERE"}, headers=h)
@@ -224,8 +222,6 @@ def test_erase_removes_personal_data_keeps_aggregates_and_is_audited(
 
 def test_erase_is_admin_only(client: FlaskClient, auth: KeyFactory, store: str):
     m = new_member(client, auth("marketer"), store)
-    resp = client.post(
-        f"/v1/members/{m['external_id']}/erasure", json={}, headers=auth("marketer")
-    )
+    resp = client.post(f"/v1/members/{m['external_id']}/erasure", json={}, headers=auth("marketer"))
     assert resp.status_code == 403
     assert resp.content_type == "application/problem+json"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
@@ -11,18 +10,20 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates_schema
 
-from service.models import CONSENT_CHANNELS, GENDERS, Role
+from service.models import GENDERS, Role
 
 EXTERNAL_ID = validate.Regexp(
     r"^[A-Za-z0-9][A-Za-z0-9._:@\-]{0,63}$",
-    error="must be 1-64 characters: letters, digits and . _ : @ - (starting with a letter or digit)",
+    error="must be 1-64 letters, digits or . _ : @ - (starting with a letter or digit)",
 )
 STORE_CODE = validate.Regexp(
     r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$",
     error="must be 1-64 characters: letters, digits and . _ - ",
 )
 CURRENCY = validate.Regexp(r"^[A-Z]{3}$", error="must be an ISO 4217 code such as CNY")
-PHONE = validate.Regexp(r"^\+?[0-9][0-9 \-]{4,30}$", error="must be a phone number like +8613812345678")
+PHONE = validate.Regexp(
+    r"^\+?[0-9][0-9 \-]{4,30}$", error="must be a phone number like +8613812345678"
+)
 LOCALE = validate.Regexp(
     r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-[A-Z]{2})?$", error="must be a locale like zh-CN or en"
 )
@@ -32,7 +33,7 @@ _ZONES: set[str] | None = None
 
 
 def _zones() -> set[str]:
-    global _ZONES  # noqa: PLW0603 - computed lazily, once
+    global _ZONES
     if _ZONES is None:
         _ZONES = available_timezones()
     return _ZONES
@@ -54,7 +55,7 @@ class Money(fields.Decimal):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal:
         if isinstance(value, float):
-            raise ValidationError("send money as a decimal string such as \"128.50\", not a float")
+            raise ValidationError('send money as a decimal string such as "128.50", not a float')
         amount: Decimal = super()._deserialize(value, attr, data, **kwargs)
         exponent = amount.as_tuple().exponent
         if isinstance(exponent, int) and exponent < -2:
