@@ -22,6 +22,7 @@ from sqlalchemy import (
     Numeric,
     String,
     Text,
+    UniqueConstraint,
     func,
     text,
 )
@@ -155,7 +156,9 @@ class Transaction(Base):
     __table_args__ = (
         CheckConstraint("kind IN ('purchase', 'refund')", name="kind"),
         CheckConstraint("channel IN ('pos', 'ecom')", name="channel"),
-        CheckConstraint("amount > 0", name="amount_positive"),
+        # A fully discounted sale is still a purchase (it counts for frequency); a refund
+        # of nothing is not an event.
+        CheckConstraint("amount >= 0 AND (kind = 'purchase' OR amount > 0)", name="amount_sign"),
         CheckConstraint("refunded_amount >= 0 AND refunded_amount <= amount", name="refund_bound"),
         CheckConstraint(
             "(kind = 'refund') = (original_id IS NOT NULL)", name="refund_has_original"
@@ -211,3 +214,27 @@ class AuditEntry(Base):
     details: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'"))
 
     __table_args__ = (Index("ix_audit_log_entity", "entity_type", "entity_id", "at"),)
+
+
+class RuleVersion(Base):
+    """One immutable version of a saved rule; an edit adds the next version, never updates."""
+
+    __tablename__ = "rule_versions"
+    id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    version: Mapped[int] = mapped_column(Integer)
+    scope: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str] = mapped_column(Text, server_default="")
+    # The normalised tree (canonical JSON) and its text form, as validated when saved.
+    rule: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    text: Mapped[str] = mapped_column(Text)
+    # sha256 (hex) of the canonical JSON: the same content always has the same hash.
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
+    created_by: Mapped[str] = mapped_column(String(200))
+
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_rule_versions_name_version"),
+        CheckConstraint("scope IN ('member', 'event')", name="scope"),
+        CheckConstraint("version >= 1", name="version_positive"),
+    )

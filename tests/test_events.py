@@ -202,7 +202,7 @@ def test_refund_replay_is_idempotent(
         ({"amount": 12.5}, "amount"),
         ({"amount": "12.345"}, "amount"),
         ({"amount": "-5.00"}, "amount"),
-        ({"amount": "0"}, "amount"),
+        ({"amount": "-0.01"}, "amount"),
         ({"amount": "abc"}, "amount"),
         ({"amount": "NaN"}, "amount"),
         ({"currency": "usd"}, "currency"),
@@ -284,3 +284,19 @@ def test_store_scoped_key_records_only_its_store(
     assert "own store" in resp.json["errors"]["store"][0]
     ok = client.post("/v1/events/purchases", json=purchase_payload(member, other), headers=scoped)
     assert ok.status_code == 201
+
+
+def test_zero_purchase_counts_but_zero_refund_is_rejected(
+    client: FlaskClient, pos: dict[str, str], member: str, store: str, session: Session
+):
+    gift = purchase_payload(member, store, amount="0.00", items=None)
+    gift.pop("items")
+    assert client.post("/v1/events/purchases", json=gift, headers=pos).status_code == 201
+    stats = stats_of(session, member)
+    assert stats is not None and stats.purchase_count == 1
+    nothing = client.post(
+        "/v1/events/refunds",
+        json=refund(member, store, gift["transaction_id"], "0.00"),
+        headers=pos,
+    )
+    assert nothing.status_code == 422 and "amount" in nothing.json["errors"]

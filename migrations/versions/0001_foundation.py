@@ -222,7 +222,10 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("channel IN ('pos', 'ecom')", name=op.f("ck_transactions_channel")),
         sa.CheckConstraint("kind IN ('purchase', 'refund')", name=op.f("ck_transactions_kind")),
-        sa.CheckConstraint("amount > 0", name=op.f("ck_transactions_amount_positive")),
+        sa.CheckConstraint(
+            "amount >= 0 AND (kind = 'purchase' OR amount > 0)",
+            name=op.f("ck_transactions_amount_sign"),
+        ),
         sa.CheckConstraint(
             "refunded_amount >= 0 AND refunded_amount <= amount",
             name=op.f("ck_transactions_refund_bound"),

@@ -48,10 +48,11 @@ class BaseSchema(Schema):
 
 
 class Money(fields.Decimal):
-    """A positive amount sent and returned as a decimal string with at most 2 places."""
+    """An amount sent and returned as a decimal string with at most 2 places."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, *, allow_zero: bool = False, **kwargs: Any) -> None:
         super().__init__(as_string=True, allow_nan=False, **kwargs)
+        self.allow_zero = allow_zero
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Decimal:
         if isinstance(value, float):
@@ -60,8 +61,8 @@ class Money(fields.Decimal):
         exponent = amount.as_tuple().exponent
         if isinstance(exponent, int) and exponent < -2:
             raise ValidationError("at most 2 decimal places")
-        if amount <= 0:
-            raise ValidationError("must be greater than 0")
+        if amount < 0 or (amount == 0 and not self.allow_zero):
+            raise ValidationError("must be 0 or more" if self.allow_zero else "must be more than 0")
         if amount >= MAX_MONEY:
             raise ValidationError("is implausibly large")
         return amount
@@ -212,7 +213,7 @@ class LineItemSchema(BaseSchema):
     sku = fields.String(required=True, validate=validate.Length(min=1, max=64))
     category = fields.String(validate=validate.Length(min=1, max=64))
     quantity = fields.Integer(load_default=1, validate=validate.Range(min=1, max=100_000))
-    amount = Money(required=True)
+    amount = Money(required=True, allow_zero=True)
 
 
 class EventSchema(BaseSchema):
@@ -234,7 +235,8 @@ class EventSchema(BaseSchema):
 
 
 class PurchaseSchema(EventSchema):
-    pass
+    # A fully discounted sale (gift, voucher) is still a visit that counts.
+    amount = Money(required=True, allow_zero=True)
 
 
 class RefundSchema(EventSchema):
