@@ -1,4 +1,4 @@
-"""Typed errors of the rule language: syntax (with a text position) and validation (with pointers)."""
+"""Typed errors of the rule language: syntax (with a position) and validation (with pointers)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ class RuleError(Exception):
     """Base of every error raised by the rule language."""
 
 
-class ProblemCode(str, enum.Enum):
+class ProblemCode(enum.StrEnum):
     """Stable codes a UI can switch on; the message is for humans."""
 
     MALFORMED = "malformed"
@@ -57,7 +57,11 @@ class RuleValidationError(RuleError):
     def __init__(self, problems: list[Problem]) -> None:
         self.problems = problems
         first = problems[0] if problems else None
-        summary = f"{first.pointer or '/'}: {first.message}" if first else "invalid rule"
+        summary = "invalid rule"
+        if first is not None:
+            summary = f"{first.pointer or '(root)'}: {first.message}"
+            if first.expected is not None:
+                summary += f"; expected {first.expected}"
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         super().__init__(summary + more)
 

@@ -11,24 +11,25 @@ import enum
 import re
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Date, DateTime, bindparam, cast, func
+from sqlalchemy import Date, DateTime, Text, bindparam, func, literal
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from sqlalchemy.sql.expression import FromClause
 
 from rules.errors import VocabularyError
 
 
-class Scope(str, enum.Enum):
+class Scope(enum.StrEnum):
     """Member fields describe a member; event fields describe the purchase being processed."""
 
     MEMBER = "member"
     EVENT = "event"
 
 
-class FieldType(str, enum.Enum):
+class FieldType(enum.StrEnum):
     INTEGER = "integer"
     DECIMAL = "decimal"
     MONEY = "money"
@@ -42,7 +43,7 @@ class FieldType(str, enum.Enum):
     SEGMENTS = "segments"
 
 
-class ValueKind(str, enum.Enum):
+class ValueKind(enum.StrEnum):
     """The shape of an operator's `value`."""
 
     NONE = "none"
@@ -53,7 +54,7 @@ class ValueKind(str, enum.Enum):
     DAYS = "days"
 
 
-class Operator(str, enum.Enum):
+class Operator(enum.StrEnum):
     EQ = "eq"
     NE = "ne"
     LT = "lt"
@@ -103,9 +104,7 @@ OPERATORS: dict[Operator, OperatorInfo] = {
         OperatorInfo(
             Operator.WITHIN_LAST_DAYS, "within last", "within the last N days", ValueKind.DAYS
         ),
-        OperatorInfo(
-            Operator.BEFORE_DAYS_AGO, "before", "before N days ago", ValueKind.DAYS
-        ),
+        OperatorInfo(Operator.BEFORE_DAYS_AGO, "before", "before N days ago", ValueKind.DAYS),
         OperatorInfo(
             Operator.ANNIVERSARY_WITHIN_NEXT_DAYS,
             "anniversary within next",
@@ -151,7 +150,7 @@ KEYWORDS = frozenset(
 FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}(\.[a-z][a-z0-9_]{0,63}){0,3}$")
 
 
-class LeapDay(str, enum.Enum):
+class LeapDay(enum.StrEnum):
     """When a 29 February anniversary falls in a year without one."""
 
     FEB28 = "feb28"
@@ -159,7 +158,8 @@ class LeapDay(str, enum.Enum):
 
 
 class SqlContext:
-    """What a field's `sql` callable may use: the bound evaluation instant and named joins.
+    """What a field's `sql` callable may use: the bound evaluation instant, named joins, and
+    "today" in a member's time zone.
 
     One context per compiled statement, so the instant is one bound parameter.
     """
@@ -170,17 +170,39 @@ class SqlContext:
             "now", now, type_=DateTime(timezone=True), unique=True
         )
         self.joins: set[str] = set()
-        self._local_dates: dict[int, ColumnElement[Any]] = {}
+        # (table, on clause) pairs the statement must LEFT JOIN, e.g. today per time zone.
+        self.outer_joins: list[tuple[FromClause, ColumnElement[bool]]] = []
+        self._local_dates: dict[str, ColumnElement[Any]] = {}
 
     def need(self, *joins: str) -> None:
         self.joins.update(joins)
 
-    def local_date(self, zone: ColumnElement[Any] | None) -> ColumnElement[Any]:
-        """Today's date at the evaluation instant in `zone` (an IANA name; UTC when None)."""
-        key = id(zone)
+    def local_date(self, zone: ColumnElement[Any] | None, key: str = "") -> ColumnElement[Any]:
+        """Today's date at the evaluation instant in `zone` (an IANA name; UTC when None).
+
+        Converting a time zone per row costs more than the rest of a condition, and a
+        member table holds only a handful of zones. So today's date in every IANA zone
+        is computed once, in Python with the same zoneinfo the Python compiler uses,
+        bound as two arrays and hash-joined by zone name; an unknown zone falls back to
+        UTC exactly as in Python. `key` names the zone's source so leaves share the join.
+        """
+        utc_today = literal(self.now_value.astimezone(UTC).date(), Date)
+        if zone is None:
+            return utc_today
         if key not in self._local_dates:
-            tz: Any = zone if zone is not None else "UTC"
-            self._local_dates[key] = cast(func.timezone(tz, self.now), Date)
+            from rules.calendar import dates_by_zone  # calendar builds on this module
+
+            names, dates = dates_by_zone(self.now_value)
+            table = (
+                func.unnest(
+                    bindparam(None, list(names), type_=ARRAY(Text()), unique=True),
+                    bindparam(None, list(dates), type_=ARRAY(Date()), unique=True),
+                )
+                .table_valued("zone", "today")
+                .render_derived()
+            )
+            self.outer_joins.append((table, table.c.zone == zone))
+            self._local_dates[key] = func.coalesce(table.c.today, utc_today)
         return self._local_dates[key]
 
 
@@ -188,6 +210,12 @@ SqlGetter = Callable[[SqlContext], ColumnElement[Any]]
 MembershipSql = Callable[[SqlContext, list[str]], ColumnElement[bool]]
 # Reads a field from one member's (or event's) facts at the evaluation instant.
 PyGetter = Callable[[Mapping[str, Any], datetime], Any]
+# Compiles one condition on a field itself (e.g. rewriting "days since X >= 90" into
+# "X <= now - 90 days" so no per-row arithmetic is needed); None falls back to the default.
+# It follows the missing-value rule: NULL or false when the value is missing, except
+# `is_not_set`, which must then be true. It asks for the joins it uses (`ctx.need`);
+# the field's own `joins` are only for `sql`.
+SqlLeaf = Callable[[SqlContext, Operator, Any], "ColumnElement[bool] | None"]
 
 
 class SqlSource(Protocol):
@@ -196,6 +224,8 @@ class SqlSource(Protocol):
     def id_column(self) -> ColumnElement[Any]: ...
 
     def from_clause(self, joins: Collection[str]) -> FromClause: ...
+
+    def where(self) -> ColumnElement[bool] | None: ...
 
 
 @dataclass(frozen=True)
@@ -211,7 +241,10 @@ class Field:
     ops: frozenset[Operator] | None = None
     sql: SqlGetter | None = None
     joins: tuple[str, ...] = ()
+    # For SEGMENTS fields: a two-valued test "member belongs to any of these keys"
+    # (e.g. EXISTS over a membership table); without it, `sql` must give an array.
     sql_membership: MembershipSql | None = None
+    sql_leaf: SqlLeaf | None = None
     py: PyGetter | None = None
     key: str | None = None
     # False when neither compiler can ever see a missing value (lets SQL skip coalesce).
@@ -219,6 +252,8 @@ class Field:
     # For DATE fields: the field holding the member's IANA time zone, which defines "today".
     timezone_field: str | None = None
     leap_day: LeapDay = LeapDay.FEB28
+    # For INTEGER fields: the values a rule may compare with (inclusive).
+    bounds: tuple[int, int] | None = None
     example: Any = None
     allowed: frozenset[Operator] = field(init=False)
 
@@ -237,6 +272,8 @@ class Field:
             raise VocabularyError(f"enum field {self.name!r} needs its values")
         if self.type is not FieldType.ENUM and self.values:
             raise VocabularyError(f"only enum fields have values ({self.name!r})")
+        if self.bounds is not None and self.type is not FieldType.INTEGER:
+            raise VocabularyError(f"only integer fields have bounds ({self.name!r})")
         if self.type is FieldType.SEGMENTS and self.nullable:
             # Membership is a set; "not a member of anything" is the empty set, never missing.
             object.__setattr__(self, "nullable", False)
@@ -267,6 +304,8 @@ class Field:
         }
         if self.values:
             data["values"] = list(self.values)
+        if self.bounds is not None:
+            data["minimum"], data["maximum"] = self.bounds
         if self.example is not None:
             data["example"] = self.example
         return data

@@ -25,6 +25,9 @@ def ensure_postgres(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL and return its SQLAlchemy URL."""
     import pgserver  # imported lazily: only embedded mode needs it
 
+    # pgserver logs every handle at INFO, including from an atexit hook after logging
+    # streams are closed; its warnings are what operators need.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     pgdata = data_dir / "postgres"
     pgdata.mkdir(parents=True, exist_ok=True)
     # cleanup_mode=None keeps the server running after this process exits.

@@ -144,6 +144,17 @@ def handle_http_exception(err: HTTPException) -> Response:
     return resp
 
 
+def handle_recursion(err: RecursionError) -> Response:
+    # json.loads gives up on absurdly nested documents; that is the client's input, not a bug.
+    return problem(
+        400,
+        "malformed-json",
+        "Bad Request",
+        "The JSON body is nested too deeply.",
+        {"body": ["nested too deeply"]},
+    )
+
+
 def handle_unexpected(err: Exception) -> Response:
     log.exception("unhandled error")
     return problem(500, "internal-error", "Internal server error", "An unexpected error occurred.")
@@ -152,4 +163,5 @@ def handle_unexpected(err: Exception) -> Response:
 def init_app(app: Flask) -> None:
     app.register_error_handler(PatronError, handle_patron_error)
     app.register_error_handler(HTTPException, handle_http_exception)
+    app.register_error_handler(RecursionError, handle_recursion)
     app.register_error_handler(Exception, handle_unexpected)

@@ -113,3 +113,12 @@ def test_log_records_carry_request_id_and_are_redacted(
     err = capsys.readouterr().err
     assert '"request_id": "req-log-1"' in err
     assert "secret.person@example.com" not in err
+
+
+def test_absurdly_nested_json_is_a_400_problem(client: FlaskClient, auth):
+    body = "[" * 100_000 + "]" * 100_000
+    resp = client.post(
+        "/v1/members", data=body, content_type="application/json", headers=auth("marketer")
+    )
+    assert resp.status_code == 400
+    assert resp.json["type"].endswith("/malformed-json")
