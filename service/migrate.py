@@ -21,7 +21,7 @@ def alembic_config(engine: Engine) -> AlembicConfig:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "heads") -> None:
     """Bring the schema to `revision` under an advisory lock."""
     with engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
@@ -31,8 +31,9 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 
 
 def current(engine: Engine) -> str | None:
+    """The applied revision(s); branches (e.g. 0003a and 0003b) are listed comma-separated."""
     with engine.connect() as conn:
         from alembic.runtime.migration import MigrationContext
 
-        rev: str | None = MigrationContext.configure(conn).get_current_revision()
-        return rev
+        heads = MigrationContext.configure(conn).get_current_heads()
+        return ", ".join(sorted(heads)) or None
