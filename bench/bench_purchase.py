@@ -32,7 +32,9 @@ import multiprocessing as mp
 import os
 import platform
 import random
+import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -204,6 +206,24 @@ end
 
 
 @dataclass
+class CpuUse:
+    """CPU seconds spent during one run: by the server under test, and by everything else."""
+
+    app: float  # gunicorn workers
+    db: float  # their PostgreSQL backends
+    client: float  # the load generator
+    other: float  # the rest of the machine (other jobs, PostgreSQL background processes)
+    wall: float
+
+    @property
+    def server(self) -> float:
+        return self.app + self.db
+
+    def per_request_ms(self, requests: int) -> float:
+        return self.server / requests * 1000 if requests else float("nan")
+
+
+@dataclass
 class Run:
     """One measured load run against one target."""
 
@@ -215,6 +235,7 @@ class Run:
     replayed: int
     histogram: dict[int, int] = field(repr=False)
     samples: str = ""
+    cpu: CpuUse | None = None
 
     @property
     def rps(self) -> float:
@@ -472,7 +493,8 @@ def wait_healthy(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) 
         if proc.poll() is not None:
             raise SystemExit(f"server on port {port} exited with {proc.returncode}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:  # noqa: S310
+            url = f"http://127.0.0.1:{port}/healthz"
+            with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -517,6 +539,110 @@ def machine_notes() -> dict[str, Any]:
 # --------------------------------------------------------------------------------------
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of one process in seconds (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _machine_busy() -> float:
+    """CPU seconds the whole machine has spent not idle since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / CLOCK_TICKS
+
+
+@dataclass
+class Snapshot:
+    app: dict[int, float]  # worker pid -> CPU seconds
+    db: dict[int, float]  # backend pid -> CPU seconds
+    children: float  # CPU seconds of finished children of this script (the load generator)
+    busy: float  # machine CPU seconds not idle
+    at: float
+
+
+def wait_quiet(max_wait: float, cores: float, window: float = 2.0) -> float:
+    """Wait until the machine's other work uses fewer than `cores` CPUs; returns seconds waited.
+
+    Benchmarks on a shared machine are meaningless while another job holds a core.
+    """
+    start = time.monotonic()
+    while time.monotonic() - start < max_wait:
+        busy, at = _machine_busy(), time.monotonic()
+        time.sleep(window)
+        if (_machine_busy() - busy) / (time.monotonic() - at) < cores:
+            break
+    return time.monotonic() - start
+
+
+class CpuMeter:
+    """Attributes CPU time to one server: its gunicorn workers and their database backends."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], db_url: str, application_name: str):
+        self.proc = proc
+        self.db_url = db_url
+        self.application_name = application_name
+
+    def _pids(self) -> tuple[list[int], list[int]]:
+        conn = psycopg2.connect(self.db_url)
+        with conn, conn.cursor() as cur:
+            cur.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+                (self.application_name,),
+            )
+            backends = [row[0] for row in cur.fetchall()]
+        conn.close()
+        return _children(self.proc.pid), backends
+
+    def snapshot(self) -> Snapshot:
+        workers, backends = self._pids()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return Snapshot(
+            {pid: _proc_cpu(pid) for pid in workers},
+            {pid: _proc_cpu(pid) for pid in backends},
+            children.ru_utime + children.ru_stime,
+            _machine_busy(),
+            time.monotonic(),
+        )
+
+    def since(self, before: Snapshot) -> CpuUse:
+        after = self.snapshot()
+        app = sum(cpu - before.app.get(pid, 0.0) for pid, cpu in after.app.items())
+        db = sum(cpu - before.db.get(pid, 0.0) for pid, cpu in after.db.items())
+        client = after.children - before.children
+        total = after.busy - before.busy
+        return CpuUse(
+            app=round(app, 2),
+            db=round(db, 2),
+            client=round(client, 2),
+            other=round(max(0.0, total - app - db - client), 2),
+            wall=round(after.at - before.at, 2),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
 def summarize(name: str, runs: list[Run]) -> dict[str, Any]:
     hist: dict[int, int] = {}
     for r in runs:
@@ -524,6 +650,9 @@ def summarize(name: str, runs: list[Run]) -> dict[str, Any]:
             hist[us] = hist.get(us, 0) + n
     requests = sum(r.requests for r in runs)
     seconds = sum(r.seconds for r in runs)
+    server_cpu = sum(r.cpu.server for r in runs if r.cpu)
+    app_cpu = sum(r.cpu.app for r in runs if r.cpu)
+    other_cpu = sum(r.cpu.other for r in runs if r.cpu)
     return {
         "target": name,
         "requests": requests,
@@ -533,6 +662,10 @@ def summarize(name: str, runs: list[Run]) -> dict[str, Any]:
         "p90_ms": round(percentile(hist, 90), 2),
         "p99_ms": round(percentile(hist, 99), 2),
         "max_ms": round(max(hist) / 1000, 2) if hist else None,
+        "server_cpu_ms_per_request": round(server_cpu / requests * 1000, 2) if requests else None,
+        "app_cpu_ms_per_request": round(app_cpu / requests * 1000, 2) if requests else None,
+        # Cores used by everything else on the machine during these runs (ideally ~0).
+        "other_cores": round(other_cpu / seconds, 2) if seconds else None,
         "non_201": sum(r.non_201 for r in runs),
         "socket_errors": sum(r.socket_errors for r in runs),
         "replayed": sum(r.replayed for r in runs),
@@ -542,8 +675,8 @@ def summarize(name: str, runs: list[Run]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--duration", type=float, default=20, help="seconds per measured run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating patron/bare rounds")
+    parser.add_argument("--duration", type=float, default=10, help="seconds per measured run")
+    parser.add_argument("--rounds", type=int, default=6, help="alternating patron/bare rounds")
     parser.add_argument("--warmup", type=float, default=5, help="seconds of warm-up per side")
     parser.add_argument("--replay", type=float, default=5, help="seconds of replays (0: skip)")
     parser.add_argument("--connections", type=int, default=4, help="concurrent clients")
@@ -557,6 +690,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db-name", default="patron_bench_purchase")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--keep-db", action="store_true", help="reuse the seeded database")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=300,
+        help="before each run, wait up to this many seconds for other jobs to leave the CPUs",
+    )
+    parser.add_argument(
+        "--quiet-cores", type=float, default=0.2, help="'quiet' means fewer busy cores than this"
+    )
     parser.add_argument("--serve-bare", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -564,20 +706,22 @@ def main(argv: list[str] | None = None) -> int:
         serve_bare(args.serve_bare, args.workers)
         return 0
 
+    # Stop the servers on Ctrl-C or SIGTERM too (the ExitStack below cleans up on exit).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     client = args.client
     if client == "auto":
         client = "wrk" if shutil.which("wrk") else "python"
     OUT.mkdir(parents=True, exist_ok=True)
     db_url = args.pg.rstrip("/") + "/" + args.db_name
-    env = {
-        **os.environ,
-        "DATABASE_URL": db_url,
-        "REDIS_URL": args.redis_url,
-        "PYTHONUNBUFFERED": "1",
-    }
+    env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": args.redis_url}
+    env["PYTHONUNBUFFERED"] = "1"
+    # Measure the source tree this script lives in, whatever the installed copy is.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-    print(f"database {db_url}: creating, migrating, seeding {args.members} members", flush=True)
-    if not args.keep_db:
+    if args.keep_db:
+        print(f"database {db_url}: reusing", flush=True)
+    else:
+        print(f"database {db_url}: creating, migrating, seeding {args.members} members", flush=True)
         create_database(args.pg, args.db_name)
         subprocess.run(patron_argv("db", "upgrade"), env=env, check=True, cwd=ROOT)
         seed(db_url, args.members, args.stores)
@@ -593,38 +737,26 @@ def main(argv: list[str] | None = None) -> int:
 
     run_tag = datetime.now(UTC).strftime("%H%M%S")
     occurred_at = (datetime.now(TZ) - timedelta(hours=1)).replace(microsecond=0).isoformat()
-    patron_port, bare_port = free_port(), free_port()
     results: dict[str, list[Run]] = {"patron": [], "bare": [], "patron replay": []}
     replay_first = 0  # the first request of each replaying client records the purchase
 
     with ExitStack() as stack, tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "purchase.lua"
         script.write_text(WRK_SCRIPT)
-        patron = start(
-            patron_argv("serve", "--workers", str(args.workers), "--port", str(patron_port)),
-            env,
-            OUT / "bench_purchase.patron.log",
-        )
-        stack.callback(stop, patron)
-        bare = start(
-            [
-                sys.executable,
-                "-m",
-                "bench.bench_purchase",
-                "--workers",
-                str(args.workers),
-                "--serve-bare",
-                str(bare_port),
-            ],
-            env,
-            OUT / "bench_purchase.bare.log",
-        )
-        stack.callback(stop, bare)
-        wait_healthy(patron_port, patron)
-        wait_healthy(bare_port, bare)
-
-        def load(port: int, path: str, auth: str | None) -> Load:
-            return Load(
+        servers: dict[str, tuple[Load, CpuMeter]] = {}
+        for name, path, auth in (("patron", PURCHASE_PATH, token), ("bare", BARE_PATH, None)):
+            port = free_port()
+            # The application name tells this server's database backends apart (CPU use).
+            server_env = dict(env, DATABASE_URL=f"{db_url}?application_name=bench_{name}")
+            if name == "patron":
+                argv_ = patron_argv("serve", "--workers", str(args.workers), "--port", str(port))
+            else:
+                argv_ = [sys.executable, "-m", "bench.bench_purchase"]
+                argv_ += ["--workers", str(args.workers), "--serve-bare", str(port)]
+            proc = start(argv_, server_env, OUT / f"bench_purchase.{name}.log")
+            stack.callback(stop, proc)
+            wait_healthy(port, proc)
+            load = Load(
                 url=f"http://127.0.0.1:{port}{path}",
                 token=auth,
                 members=args.members,
@@ -634,48 +766,72 @@ def main(argv: list[str] | None = None) -> int:
                 client=client,
                 script=script,
             )
+            servers[name] = (load, CpuMeter(proc, db_url, f"bench_{name}"))
 
-        loads = {
-            "patron": load(patron_port, PURCHASE_PATH, token),
-            "bare": load(bare_port, BARE_PATH, None),
-        }
-        before = db_counts(db_url)
+        def measure(name: str, prefix: str, seconds: float, mode: str = "fresh") -> Run:
+            load, meter = servers[name.split()[0]]
+            waited = wait_quiet(args.quiet_wait, args.quiet_cores)
+            if waited >= args.quiet_wait > 0:
+                print(f"  (machine still busy after {waited:.0f} s; measuring anyway)")
+            before = meter.snapshot()
+            run = load.run(name, prefix, seconds, mode)
+            run.cpu = meter.since(before)
+            return run
+
+        before_counts = db_counts(db_url)
         answered = 0
         print(f"warm-up: {args.warmup:g} s per side ({client}, {args.connections} clients)")
-        for name, ld in loads.items():
-            warm = ld.run(name, f"w{run_tag}-{name[0]}", args.warmup)
+        for name in servers:
+            warm = measure(name, f"w{run_tag}-{name[0]}", args.warmup)
             answered += warm.requests
             if warm.non_201 or warm.socket_errors:
                 raise SystemExit(f"warm-up against {name} failed:\n{warm.samples}")
         for rnd in range(args.rounds):
             order = ["patron", "bare"] if rnd % 2 == 0 else ["bare", "patron"]
             for name in order:
-                r = loads[name].run(name, f"r{run_tag}-{rnd}{name[0]}", args.duration)
+                r = measure(name, f"r{run_tag}-{rnd}{name[0]}", args.duration)
                 answered += r.requests
                 results[name].append(r)
+                assert r.cpu is not None
                 print(
-                    f"round {rnd + 1} {name:<6} {r.rps:8.1f} req/s  "
+                    f"round {rnd + 1} {name:<6} {r.rps:7.1f} req/s  "
                     f"p50 {percentile(r.histogram, 50):6.2f} ms  "
-                    f"p99 {percentile(r.histogram, 99):6.2f} ms  non-201 {r.non_201}",
+                    f"p99 {percentile(r.histogram, 99):6.2f} ms  "
+                    f"CPU/req {r.cpu.per_request_ms(r.requests):4.2f} ms "
+                    f"(app {r.cpu.app / max(1, r.requests) * 1000:4.2f})  "
+                    f"other load {r.cpu.other / r.cpu.wall:4.2f} cores  non-201 {r.non_201}",
                     flush=True,
                 )
         if args.replay > 0:
-            r = loads["patron"].run("patron replay", f"p{run_tag}", args.replay, mode="replay")
+            r = measure("patron replay", f"p{run_tag}", args.replay, mode="replay")
             results["patron replay"].append(r)
             replay_first = args.connections
-        after = db_counts(db_url)
+        after_counts = db_counts(db_url)
 
     summary = [summarize(name, runs) for name, runs in results.items() if runs]
     by_name = {s["target"]: s for s in summary}
     ratio = by_name["patron"]["rps"] / by_name["bare"]["rps"]
+    round_ratios = sorted(
+        p.rps / b.rps for p, b in zip(results["patron"], results["bare"], strict=True)
+    )
+    median_ratio = round_ratios[len(round_ratios) // 2]
+    if len(round_ratios) % 2 == 0:
+        median_ratio = (median_ratio + round_ratios[len(round_ratios) // 2 - 1]) / 2
     print()
-    print(f"{'target':<14} {'req/s':>9} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'non-201':>8}")
+    print(
+        f"{'target':<14} {'req/s':>8} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} "
+        f"{'CPU ms/req':>10} {'app':>5} {'other':>5} {'non-201':>7}"
+    )
     for s in summary:
         print(
-            f"{s['target']:<14} {s['rps']:9.1f} {s['p50_ms']:8.2f} {s['p90_ms']:8.2f} "
-            f"{s['p99_ms']:8.2f} {s['non_201']:8d}"
+            f"{s['target']:<14} {s['rps']:8.1f} {s['p50_ms']:7.2f} {s['p90_ms']:7.2f} "
+            f"{s['p99_ms']:7.2f} {s['server_cpu_ms_per_request']:10.2f} "
+            f"{s['app_cpu_ms_per_request']:5.2f} {s['other_cores']:5.2f} {s['non_201']:7d}"
         )
-    print(f"throughput ratio patron/bare: {ratio:.2f}")
+    print(
+        f"throughput ratio patron/bare: {ratio:.2f} overall, {median_ratio:.2f} median of rounds"
+        f" ({', '.join(f'{x:.2f}' for x in round_ratios)})"
+    )
 
     failures = []
     for s in summary:
@@ -685,16 +841,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s['target']}: {s['non_201']} non-201 responses and {s['socket_errors']} "
                 f"socket errors\n{samples}"
             )
-    new_txs = after[0] - before[0]
-    new_purchases = after[1] - before[1]
-    fresh_upper = answered + args.connections * (2 * args.rounds + 2)  # in flight at each stop
+    new_txs = after_counts[0] - before_counts[0]
+    new_purchases = after_counts[1] - before_counts[1]
+    # Requests in flight when a run stops are committed but not counted by the client.
+    upper = answered + args.connections * (2 * args.rounds + 2)
     if results["patron replay"]:
         rp = by_name["patron replay"]
         if rp["replayed"] < rp["requests"] - replay_first:
             failures.append(f"replay: only {rp['replayed']} of {rp['requests']} were replays")
         answered += replay_first
-        fresh_upper += replay_first
-    if not (answered <= new_txs <= fresh_upper) or new_purchases != new_txs:
+        upper += replay_first
+    if not (answered <= new_txs <= upper) or new_purchases != new_txs:
         failures.append(
             f"database check: {new_txs} new transactions and {new_purchases} new purchase counts"
             f" for {answered} answered new purchases"
@@ -714,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
         "stores": args.stores,
         "machine": machine_notes(),
         "ratio": round(ratio, 3),
+        "median_round_ratio": round(median_ratio, 3),
         "results": summary,
         "runs": [
             {k: v for k, v in asdict(r).items() if k != "histogram"}

@@ -805,42 +805,87 @@ def _tx_text(plan: Plan, b: int, lo: int, hi: int, rng: np.random.Generator) -> 
 # Blocks, workers, files
 # ---------------------------------------------------------------------------------------
 
+
+class _Writer:
+    """Writes the blocks of both files in block order, from any worker process.
+
+    Each worker formats its block, waits until the byte offset of its block is known (the
+    previous block's offset plus its size), publishes the offset of the next block and then
+    ``pwrite``s its bytes in place. No data goes through pipes or the parent process.
+    """
+
+    def __init__(self, paths: Sequence[Path], n_blocks: int, ctx: Any) -> None:
+        self.paths = [str(p) for p in paths]
+        self.cond = ctx.Condition()
+        self.ready = ctx.Array("b", n_blocks + 1, lock=False)
+        self.offsets = [ctx.Array("q", n_blocks + 1, lock=False) for _ in paths]
+        for p, offsets in zip(paths, self.offsets, strict=True):
+            offsets[0] = p.stat().st_size  # after the header
+        self.ready[0] = 1
+
+    def write(self, b: int, chunks: Sequence[bytes]) -> None:
+        with self.cond:
+            while not self.ready[b]:
+                self.cond.wait()
+            starts = [int(offsets[b]) for offsets in self.offsets]
+            for offsets, start, chunk in zip(self.offsets, starts, chunks, strict=True):
+                offsets[b + 1] = start + len(chunk)
+            self.ready[b + 1] = 1
+            self.cond.notify_all()
+        for path, start, chunk in zip(self.paths, starts, chunks, strict=True):
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                view = memoryview(chunk)
+                while view:
+                    written = os.pwrite(fd, view, start)
+                    view, start = view[written:], start + written
+            finally:
+                os.close(fd)
+
+
 _PLAN: Plan | None = None  # set before forking workers
+_WRITER: _Writer | None = None
 
 
 @dataclass(frozen=True)
 class BlockResult:
-    members: bytes
-    transactions: bytes
     n_members: int
     n_transactions: int
     n_refunds: int
 
 
 def _run_block(b: int) -> BlockResult:
-    plan = _PLAN
+    plan, writer = _PLAN, _WRITER
     assert plan is not None
+    assert writer is not None
     lo = b * BLOCK_MEMBERS
     hi = min(lo + BLOCK_MEMBERS, plan.cfg.members)
     seed = plan.cfg.seed
     m_rng = np.random.default_rng(np.random.SeedSequence([seed, 1, b]))
     t_rng = np.random.default_rng(np.random.SeedSequence([seed, 2, b]))
-    members = _members_text(_member_rows(plan, lo, hi, m_rng), plan.cfg.fmt)
+    members = _members_text(_member_rows(plan, lo, hi, m_rng), plan.cfg.fmt).encode()
     tx, n_refunds = _tx_text(plan, b, lo, hi, t_rng)
+    writer.write(b, [members, tx.encode()])
     n_tx = int(plan.block_tx_start[b + 1] - plan.block_tx_start[b])
-    return BlockResult(members.encode(), tx.encode(), hi - lo, n_tx, n_refunds)
+    return BlockResult(hi - lo, n_tx, n_refunds)
 
 
-def _results(plan: Plan) -> Iterator[BlockResult]:
-    global _PLAN
-    _PLAN = plan
+def _results(plan: Plan, paths: Sequence[Path]) -> Iterator[BlockResult]:
+    """Runs every block (in worker processes when possible); yields results in order."""
+    global _PLAN, _WRITER
     blocks = range(plan.n_blocks)
     workers = min(plan.cfg.workers, plan.n_blocks)
-    if workers <= 1 or "fork" not in mp.get_all_start_methods():
-        yield from map(_run_block, blocks)
-        return
-    with mp.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap(_run_block, blocks, chunksize=1)
+    fork = "fork" in mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if fork else None)
+    _PLAN, _WRITER = plan, _Writer(paths, plan.n_blocks, ctx)
+    try:
+        if workers <= 1 or not fork:
+            yield from map(_run_block, blocks)
+        else:
+            with ctx.Pool(workers) as pool:
+                yield from pool.imap(_run_block, blocks, chunksize=1)
+    finally:
+        _PLAN = _WRITER = None
 
 
 def _header(fields: Sequence[str], fmt: str) -> bytes:
@@ -884,25 +929,20 @@ def generate(cfg: Config) -> dict[str, Any]:
 
     n_members = n_tx = n_refunds = 0
     last_log = time.perf_counter()
-    with (
-        paths["members"].open("wb") as members_file,
-        paths["transactions"].open("wb") as tx_file,
-    ):
-        members_file.write(_header(MEMBER_FIELDS, cfg.fmt))
-        tx_file.write(_header(TRANSACTION_FIELDS, cfg.fmt))
-        for done, result in enumerate(_results(plan), start=1):
-            members_file.write(result.members)
-            tx_file.write(result.transactions)
-            n_members += result.n_members
-            n_tx += result.n_transactions
-            n_refunds += result.n_refunds
-            now = time.perf_counter()
-            if now - last_log >= 5.0 or done == plan.n_blocks:
-                last_log = now
-                _log(
-                    f"block {done}/{plan.n_blocks}: {n_members:,} members, "
-                    f"{n_tx:,} transactions ({now - began:.1f}s)"
-                )
+    outputs = [paths["members"], paths["transactions"]]
+    for path, fields in zip(outputs, (MEMBER_FIELDS, TRANSACTION_FIELDS), strict=True):
+        path.write_bytes(_header(fields, cfg.fmt))
+    for done, result in enumerate(_results(plan, outputs), start=1):
+        n_members += result.n_members
+        n_tx += result.n_transactions
+        n_refunds += result.n_refunds
+        now = time.perf_counter()
+        if now - last_log >= 5.0 or done == plan.n_blocks:
+            last_log = now
+            _log(
+                f"block {done}/{plan.n_blocks}: {n_members:,} members, "
+                f"{n_tx:,} transactions ({now - began:.1f}s)"
+            )
     seconds = time.perf_counter() - began
     summary: dict[str, Any] = {
         "stores": len(stores),

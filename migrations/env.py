@@ -6,7 +6,8 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import campaigns.models  # noqa: F401 - registers tables on Base.metadata
-import segments.models  # noqa: F401
+import segments.models
+import segments.models_custom  # noqa: F401
 from service.models import Base
 
 config = context.config

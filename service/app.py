@@ -55,9 +55,9 @@ def create_app(config: Config | None = None, *, engine: Engine | None = None) ->
     auth.init_app(app)
 
     api = Api(app)
-    from service.api import docs, events, health, members, rules, stores
+    from service.api import docs, events, health, members, rules, scores, segments, stores
 
-    for module in (health, stores, members, events, rules):
+    for module in (health, stores, members, events, rules, segments, scores):
         api.register_blueprint(module.blp)
     app.register_blueprint(docs.blp)
     # After flask-smorest so our problem+json handlers replace its JSON ones.

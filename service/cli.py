@@ -1,4 +1,4 @@
-"""The `patron` command: serve, worker, scheduler, db, import, keys, demo."""
+"""The `patron` command: serve, worker, scheduler, db, import, refresh, keys, demo."""
 
 from __future__ import annotations
 
@@ -169,6 +169,65 @@ def keys_create(role: str, store: str | None, name: str | None) -> None:
     click.echo(f"Created {role} key" + (f" for store {store}" if store else "") + ".", err=False)
     click.echo("Store it now; it cannot be shown again:")
     click.echo(raw)
+
+
+@main.command()
+@click.option(
+    "--as-of",
+    "as_of",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="The refresh date (default: today in PATRON_TIMEZONE).",
+)
+@click.option("--step", "steps", multiple=True, help="Run only these steps (repeatable).")
+@click.option(
+    "--rebuild", is_flag=True, help="First rebuild every statistic from the transactions."
+)
+def refresh(as_of: Any, steps: tuple[str, ...], rebuild: bool) -> None:
+    """Refresh rolling windows and scores (RFM, lifecycle, churn, segments) with progress."""
+    import time
+    from contextlib import contextmanager
+
+    from sqlalchemy.orm import Session
+
+    from segments import stats
+    from segments.config import ConfigError, ScoringConfig
+    from segments.refresh import run_refresh, steps_named
+    from segments.refresh import today as refresh_today
+
+    config = _resolved_config()
+    engine = _engine(config)
+    _migrate_if_embedded(Config.from_env(), engine)
+    try:
+        scoring = ScoringConfig.from_env()
+        chosen = list(steps) or None
+        steps_named(chosen)
+    except (ConfigError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    day = as_of.date() if as_of else refresh_today(scoring)
+
+    @contextmanager
+    def unit() -> Any:
+        with Session(engine) as session, session.begin():
+            yield session
+
+    if rebuild:
+        started = time.perf_counter()
+        with unit() as session:
+            stats.rebuild_all_stats(session, day, timezone=scoring.timezone)
+        click.echo(f"rebuilt statistics from transactions in {time.perf_counter() - started:.1f}s")
+
+    def progress(name: str, details: dict[str, Any]) -> None:
+        if details.get("status") == "started":
+            click.echo(f"{name:<16}…", nl=False)
+            return
+        extra = ", ".join(f"{k}={v}" for k, v in details.items() if k != "seconds")
+        click.echo(f" {details['seconds']:.1f}s  {extra}")
+
+    click.echo(f"Refreshing scores as of {day} ({scoring.timezone})")
+    started = time.perf_counter()
+    run_refresh(unit, day, config=scoring, steps=chosen, progress=progress)
+    click.echo(f"done in {time.perf_counter() - started:.1f}s")
 
 
 @main.group("embedded")

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
+from service.db import execute_prepared
 from service.errors import Conflict, ValidationFailed
 from service.models import Member, MemberStatus, Store, Transaction
 
@@ -58,19 +59,37 @@ _INSERT = text(
     """
 )
 
-_PURCHASE_STATS = text(
+# A purchase in one round trip: the transaction row (as _INSERT) and, only when it was
+# really inserted (not a replay; member and store found), the member_stats upsert,
+# chained by a data-modifying CTE. No row back means "not inserted".
+_INSERT_PURCHASE = text(
     """
-    INSERT INTO member_stats AS ms (member_id, first_purchase_at, last_purchase_at,
-                                    purchase_count, purchase_amount, net_spend, updated_at)
-    VALUES (:member_id, :occurred_at, :occurred_at, 1, :amount, :amount, now())
-    ON CONFLICT (member_id) DO UPDATE SET
-        first_purchase_at = LEAST(ms.first_purchase_at, EXCLUDED.first_purchase_at),
-        last_purchase_at = GREATEST(ms.last_purchase_at, EXCLUDED.last_purchase_at),
-        purchase_count = ms.purchase_count + 1,
-        purchase_amount = ms.purchase_amount + EXCLUDED.purchase_amount,
-        net_spend = ms.net_spend + EXCLUDED.net_spend,
-        updated_at = now()
-    RETURNING purchase_count, net_spend, first_purchase_at, last_purchase_at
+    WITH tx AS (
+        INSERT INTO transactions (external_id, idempotency_key, request_hash, kind, member_id,
+                                  store_id, channel, occurred_at, amount, currency, items)
+        SELECT :external_id, :idempotency_key, :request_hash, 'purchase', m.id, s.id, :channel,
+               :occurred_at, :amount, :currency, CAST(:items AS jsonb)
+        FROM members m, stores s
+        WHERE m.external_id = :member AND m.status = 'active' AND s.code = :store
+          AND (CAST(:scope_store_id AS integer) IS NULL OR s.id = :scope_store_id)
+        ON CONFLICT DO NOTHING
+        RETURNING id, member_id
+    ), stats AS (
+        INSERT INTO member_stats AS ms (member_id, first_purchase_at, last_purchase_at,
+                                        purchase_count, purchase_amount, net_spend, updated_at)
+        SELECT member_id, :occurred_at, :occurred_at, 1, :amount, :amount, now() FROM tx
+        ON CONFLICT (member_id) DO UPDATE SET
+            first_purchase_at = LEAST(ms.first_purchase_at, EXCLUDED.first_purchase_at),
+            last_purchase_at = GREATEST(ms.last_purchase_at, EXCLUDED.last_purchase_at),
+            purchase_count = ms.purchase_count + 1,
+            purchase_amount = ms.purchase_amount + EXCLUDED.purchase_amount,
+            net_spend = ms.net_spend + EXCLUDED.net_spend,
+            updated_at = now()
+        RETURNING member_id, purchase_count, net_spend, first_purchase_at, last_purchase_at
+    )
+    SELECT tx.id, stats.purchase_count, stats.net_spend, stats.first_purchase_at,
+           stats.last_purchase_at
+    FROM tx JOIN stats USING (member_id)
     """
 )
 
@@ -181,20 +200,13 @@ def record_purchase(
     digest = request_hash(payload)
     params = _params(payload, "purchase", idempotency_key, digest)
     params["scope_store_id"] = scope_store_id
-    inserted = session.execute(_INSERT, params).first()
-    if inserted is None:
+    del params["kind"], params["original_id"]
+    stats = execute_prepared(session, _INSERT_PURCHASE, params)
+    if stats is None:
         replay = _replay(session, payload["transaction_id"], idempotency_key, digest)
         if replay is not None:
             return replay
         raise _explain_missing(session, payload["member_id"], payload["store"], scope_store_id)
-    stats = session.execute(
-        _PURCHASE_STATS,
-        {
-            "member_id": inserted.member_id,
-            "occurred_at": payload["occurred_at"],
-            "amount": payload["amount"],
-        },
-    ).one()
     body = {
         "transaction_id": payload["transaction_id"],
         "kind": "purchase",
@@ -207,7 +219,7 @@ def record_purchase(
         "rewards": {"coupons": [], "tier_change": None},
     }
     text_body = json.dumps(body)
-    session.execute(_SAVE_RESPONSE, {"response": text_body, "id": inserted.id})
+    execute_prepared(session, _SAVE_RESPONSE, {"response": text_body, "id": stats.id})
     return EventResult(status=201, body=text_body, replayed=False)
 
 

@@ -60,8 +60,18 @@ def heartbeat() -> str:
     return stamp
 
 
-# Periodic jobs: (function, seconds between runs). Segmentation adds the nightly refresh.
+# Periodic jobs: (function, seconds between runs).
 PERIODIC: list[tuple[Callable[..., Any], int]] = [(heartbeat, 60)]
+
+
+def daily_jobs() -> list[tuple[Callable[..., Any], str]]:
+    """Jobs run once a day: (function, cron string in this process's local time)."""
+    from segments.config import ScoringConfig
+    from segments.jobs import refresh_job
+    from segments.refresh import refresh_cron
+
+    # The score refresh at PATRON_REFRESH_AT in PATRON_TIMEZONE.
+    return [(refresh_job, refresh_cron(ScoringConfig.from_env()))]
 
 
 def run_worker(config: Config, queues: list[str] | None = None, burst: bool = False) -> None:
@@ -80,6 +90,8 @@ def run_scheduler(config: Config, once: bool = False) -> None:
         raise RuntimeError("redis_url is not resolved")
     connection = make_redis(config.redis_url)
     if once:
+        # Interval jobs only: a deployment calling `--once` from cron every few minutes
+        # schedules the daily refresh itself (`patron refresh`).
         queue = Queue(config.queue_name, connection=connection)
         for func, _ in PERIODIC:
             queue.enqueue(func)
@@ -88,4 +100,6 @@ def run_scheduler(config: Config, once: bool = False) -> None:
     cron = CronScheduler(connection=connection)
     for func, interval in PERIODIC:
         cron.register(func, queue_name=config.queue_name, interval=interval)
+    for func, spec in daily_jobs():
+        cron.register(func, queue_name=config.queue_name, cron=spec, job_timeout=1800)
     cron.start()

@@ -270,7 +270,13 @@ def get_profile(
         "refund_amount": 0,
         "net_spend": 0,
     }
-    return {"member": member_dict(found), "stats": dict(stats) if stats else empty}
+    from segments.profile import member_scores
+
+    return {
+        "member": member_dict(found),
+        "stats": dict(stats) if stats else empty,
+        "scores": member_scores(session, found["id"]),
+    }
 
 
 def erase_member(

@@ -134,7 +134,8 @@ class Transaction(Base):
     __tablename__ = "transactions"
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
     external_id: Mapped[str] = mapped_column(String(64), unique=True)
-    idempotency_key: Mapped[str | None] = mapped_column(String(200), unique=True)
+    # Unique where present (partial index): bulk-imported rows have none and cost nothing.
+    idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # sha256 of the canonical request: a replayed key with a different body is a conflict.
     request_hash: Mapped[bytes | None] = mapped_column(LargeBinary)
     kind: Mapped[str] = mapped_column(String(16))
@@ -164,7 +165,14 @@ class Transaction(Base):
             "(kind = 'refund') = (original_id IS NOT NULL)", name="refund_has_original"
         ),
         Index("ix_transactions_member_id_occurred_at", "member_id", "occurred_at"),
-        Index("ix_transactions_store_id_id", "store_id", "id"),
+        # The daily window ageing reads one day of purchases per window by time.
+        Index("ix_transactions_occurred_at", "occurred_at"),
+        Index(
+            "uq_transactions_idempotency_key",
+            "idempotency_key",
+            unique=True,
+            postgresql_where=text("idempotency_key IS NOT NULL"),
+        ),
     )
 
 
@@ -183,6 +191,19 @@ class MemberStats(Base):
     refund_amount: Mapped[Decimal] = mapped_column(Money, server_default=text("0"))
     # Lifetime spend net of refunds.
     net_spend: Mapped[Decimal] = mapped_column(Money, server_default=text("0"))
+    # Rolling windows (segments.stats): purchases since local midnight N-1 days before the
+    # windows' as-of date, spend net of what was refunded on those purchases. Kept by
+    # every purchase / refund and aged by the daily refresh.
+    purchases_30d: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    purchases_90d: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    purchases_365d: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    spend_30d: Mapped[Decimal] = mapped_column(Money, server_default=text("0"))
+    spend_90d: Mapped[Decimal] = mapped_column(Money, server_default=text("0"))
+    spend_365d: Mapped[Decimal] = mapped_column(Money, server_default=text("0"))
+    # Purchase history summaries that do not age (recomputed by the daily refresh for
+    # members whose row changed): distinct local purchase days, median gap between them.
+    purchase_days: Mapped[int] = mapped_column(Integer, server_default=text("0"))
+    median_interpurchase_days: Mapped[Decimal | None] = mapped_column(Numeric(8, 1))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 

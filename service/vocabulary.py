@@ -30,6 +30,8 @@ from rules.calendar import (
 )
 from rules.compile_sql import condition
 from rules.vocabulary import SqlLeaf
+from segments import membership as segment_membership
+from segments import vocabulary as segment_scores
 from service.models import (
     CONSENT_CHANNELS,
     GENDERS,
@@ -405,7 +407,11 @@ def register(vocab: Vocabulary) -> None:
 
 
 # Later packages append their `register(vocab)` here (segments: RFM, lifecycle, membership).
-CONTRIBUTORS: tuple[Callable[[Vocabulary], None], ...] = (register,)
+CONTRIBUTORS: tuple[Callable[[Vocabulary], None], ...] = (
+    register,
+    segment_membership.register,
+    segment_scores.register,
+)
 
 
 @functools.cache
@@ -439,6 +445,9 @@ _FACT_COLUMNS = (
     _stats.c.net_spend,
     _stats.c.first_purchase_at,
     _stats.c.last_purchase_at,
+    segment_membership.segment_names(_members.c.id).label(segment_membership.FACTS_KEY),
+    *(_stats.c[name] for name in segment_scores.WINDOW_FACTS),
+    *segment_scores.FACT_JOIN.columns,
 )
 _ZERO_IF_NO_STATS: dict[str, Any] = {
     "purchase_count": 0,
@@ -446,6 +455,7 @@ _ZERO_IF_NO_STATS: dict[str, Any] = {
     "purchase_amount": Decimal(0),
     "refund_amount": Decimal(0),
     "net_spend": Decimal(0),
+    **segment_scores.WINDOW_ZEROS,
 }
 
 
@@ -472,6 +482,7 @@ def load_member_facts(session: Session, member_ids: Iterable[int]) -> dict[int, 
         _members.outerjoin(_stats, _stats.c.member_id == _members.c.id)
         .outerjoin(_stores, _stores.c.id == _members.c.home_store_id)
         .outerjoin(_regions, _regions.c.id == _stores.c.region_id)
+        .outerjoin(segment_scores.FACT_JOIN.table, segment_scores.FACT_JOIN.onclause)
     )
     stmt = select(*_FACT_COLUMNS).select_from(source).where(_members.c.id.in_(ids))
     return {row["id"]: _facts(row) for row in session.execute(stmt).mappings()}

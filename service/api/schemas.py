@@ -179,9 +179,60 @@ class StatsSchema(Schema):
     net_spend = fields.Decimal(as_string=True)
 
 
+class ScoreWindowsSchema(Schema):
+    purchases_30d = fields.Integer()
+    purchases_90d = fields.Integer()
+    purchases_365d = fields.Integer()
+    purchases_lifetime = fields.Integer()
+    spend_30d = fields.Decimal(as_string=True)
+    spend_90d = fields.Decimal(as_string=True)
+    spend_365d = fields.Decimal(as_string=True)
+    spend_lifetime = fields.Decimal(as_string=True)
+
+
+class RfmScoresSchema(Schema):
+    r = fields.Integer(allow_none=True)
+    f = fields.Integer(allow_none=True)
+    m = fields.Integer(allow_none=True)
+    segment = fields.String(allow_none=True)
+    segment_label = fields.String(allow_none=True)
+    explanation = fields.List(fields.String())
+
+
+class StageChangeSchema(Schema):
+    changed_on = fields.Date()
+    from_stage = fields.String(allow_none=True)
+    to_stage = fields.String()
+
+
+class LifecycleSchema(Schema):
+    stage = fields.String(allow_none=True)
+    since = fields.Date(allow_none=True)
+    history = fields.List(fields.Nested(StageChangeSchema))
+
+
+class ChurnSchema(Schema):
+    p_alive = fields.Decimal(as_string=True, allow_none=True)
+    expected_purchases_90d = fields.Decimal(as_string=True, allow_none=True)
+    expected_value = fields.Decimal(as_string=True, allow_none=True)
+
+
+class MemberScoresSchema(Schema):
+    """Segmentation of the member as of the last refresh (windows are always current)."""
+
+    as_of = fields.Date(allow_none=True)
+    windows = fields.Nested(ScoreWindowsSchema)
+    median_interpurchase_days = fields.Decimal(as_string=True, allow_none=True)
+    purchase_days = fields.Integer()
+    rfm = fields.Nested(RfmScoresSchema)
+    lifecycle = fields.Nested(LifecycleSchema)
+    churn = fields.Nested(ChurnSchema)
+
+
 class ProfileSchema(Schema):
     member = fields.Nested(MemberSchema)
     stats = fields.Nested(StatsSchema)
+    scores = fields.Nested(MemberScoresSchema)
 
 
 class ErasureSchema(BaseSchema):

@@ -139,6 +139,9 @@ def scalar_for(f: Field, stores: tuple[str, ...], regions: tuple[str, ...]) -> A
             return st.one_of(st.sampled_from(near), st.integers(0, 110))
         if name == "days_since_last_purchase":
             return st.integers(-3, 500)
+        if f.bounds is not None:
+            # Values outside a field's bounds are rejected when a rule is saved.
+            return st.integers(max(f.bounds[0], -1), min(f.bounds[1], 12))
         return st.integers(-1, 12)
     pools = {
         "timezone": ZONES,

@@ -1,0 +1,204 @@
+"""Segmentation benchmark: full statistics rebuild, the daily refresh, and a pandas RFM script.
+
+Usage::
+
+    # a database with members and transactions loaded (patron import), e.g. a copy:
+    createdb -T patron_bench_import_20m patron_bench_seg
+    python -m bench.bench_segments postgresql://postgres@127.0.0.1:5432/patron_bench_seg
+
+Steps, each timed:
+
+1. migrate to heads (adds the window columns and the transactions(occurred_at) index),
+   ``ANALYZE``;
+2. the full rebuild of member_stats from transactions (lifetime, windows, purchase days,
+   median gaps) as of ``--as-of - 1 day``, then a first refresh of that date (untimed
+   warm-up: it creates every member_scores row);
+3. "a day passes": ``--dirty`` members get their statistics touched (what a day of
+   purchases does) and the daily refresh of ``--as-of`` runs: window ageing, history of
+   the touched members, lifecycle, RFM, churn (BG/NBD + Gamma-Gamma), snapshot, custom
+   segments when installed — ``--runs`` times (the refresh of a date is idempotent, so
+   later runs redo the scoring but find no windows to age: the first run is reported
+   separately);
+4. the purchases are exported to CSV (member id, local day, amount net of refunds) and a
+   pandas script computes RFM only (read + group + quintiles + scores) in a subprocess.
+
+The machine is shared: the load average is printed next to every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.orm import Session
+
+from segments import refresh, stats
+from segments.config import ScoringConfig
+from service import migrate
+from service.db import normalise_url
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load {one:.1f}/{five:.1f}"
+
+
+PANDAS_RFM = r"""
+import sys, time
+import numpy as np
+import pandas as pd
+
+path, as_of = sys.argv[1], pd.Timestamp(sys.argv[2])
+t0 = time.perf_counter()
+df = pd.read_csv(path, names=["member_id", "day", "amount"], parse_dates=["day"],
+                 date_format="%Y-%m-%d", engine="pyarrow" if "--arrow" in sys.argv else "c")
+t1 = time.perf_counter()
+df = df[df["day"] > as_of - pd.Timedelta(days=365)]
+g = df.groupby("member_id").agg(last=("day", "max"), f=("day", "size"), m=("amount", "sum"))
+g["recency"] = (as_of - g["last"]).dt.days
+def score(values, reverse):
+    cuts = np.quantile(values, [0.2, 0.4, 0.6, 0.8], method="inverted_cdf")
+    above = sum((values > c).astype(int) for c in cuts)
+    return 5 - above if reverse else 1 + above
+g["r"] = score(g["recency"].to_numpy(), True)
+g["f"] = 1 + sum((g["f"].to_numpy() > t).astype(int) for t in (1, 2, 4, 9))
+g["m"] = score(g["m"].to_numpy(), False)
+t2 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t2 - t1:.3f} {len(df)} {len(g)}")
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("database_url")
+    parser.add_argument("--as-of", type=date.fromisoformat, default=None)
+    parser.add_argument("--dirty", type=int, default=20_000)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "patron-bench-seg-purchases.csv",
+    )
+    parser.add_argument("--skip-rebuild", action="store_true")
+    parser.add_argument("--skip-pandas", action="store_true")
+    parser.add_argument("--timezone", default="Asia/Shanghai")
+    args = parser.parse_args()
+
+    engine = create_engine(normalise_url(args.database_url))
+    config = ScoringConfig.from_mapping({"timezone": args.timezone})
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+
+    started = time.perf_counter()
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("ANALYZE"))
+        members, txs, last = conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM members), (SELECT count(*) FROM transactions),"
+                " (SELECT max(occurred_at) FROM transactions)"
+            )
+        ).one()
+    as_of = args.as_of or (last.astimezone(config.zone).date() + timedelta(days=1))
+    results["data"] = {"members": members, "transactions": txs, "as_of": as_of.isoformat()}
+    _log(
+        f"migrate + analyze {time.perf_counter() - started:.1f}s; {members:,} members, "
+        f"{txs:,} transactions; as of {as_of}"
+    )
+
+    @contextmanager
+    def unit() -> Any:
+        with Session(engine) as session, session.begin():
+            yield session
+
+    yesterday = as_of - timedelta(days=1)
+    if not args.skip_rebuild:
+        with unit() as session:
+            session.execute(text("SET LOCAL work_mem = '256MB'"))
+            t = time.perf_counter()
+            stats.rebuild_all_stats(session, yesterday, timezone=config.timezone)
+            seconds = time.perf_counter() - t
+        results["full_rebuild_seconds"] = round(seconds, 2)
+        _log(f"full rebuild of member_stats from transactions: {seconds:.1f}s ({_load()})")
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                text("VACUUM ANALYZE member_stats")
+            )
+    t = time.perf_counter()
+    refresh.run_refresh(unit, yesterday, config=config)
+    _log(f"warm-up refresh of {yesterday}: {time.perf_counter() - t:.1f}s ({_load()})")
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text("VACUUM ANALYZE member_scores")
+        )
+
+    runs = []
+    for n in range(args.runs):
+        with unit() as session:
+            session.execute(
+                text(
+                    "UPDATE member_stats SET updated_at = now() WHERE member_id IN"
+                    " (SELECT member_id FROM member_stats ORDER BY random() LIMIT :n)"
+                ),
+                {"n": args.dirty},
+            )
+        t = time.perf_counter()
+        out = refresh.run_refresh(unit, as_of, config=config)
+        seconds = time.perf_counter() - t
+        steps = {k: v["seconds"] for k, v in out["steps"].items()}
+        runs.append({"seconds": round(seconds, 2), "steps": steps, "load": _load()})
+        _log(f"daily refresh #{n + 1} of {as_of}: {seconds:.1f}s {steps} ({_load()})")
+    results["daily_refresh"] = runs
+
+    if not args.skip_pandas:
+        t = time.perf_counter()
+        with engine.raw_connection() as raw:  # type: ignore[attr-defined]
+            cur = raw.cursor()
+            with args.csv.open("w") as f:
+                cur.copy_expert(
+                    "COPY (SELECT member_id,"
+                    f" CAST(timezone('{config.timezone}', occurred_at) AS date),"
+                    " amount - refunded_amount FROM transactions WHERE kind = 'purchase')"
+                    " TO STDOUT WITH (FORMAT csv)",
+                    f,
+                )
+        _log(f"CSV export {time.perf_counter() - t:.1f}s ({args.csv.stat().st_size / 1e9:.2f} GB)")
+        t = time.perf_counter()
+        proc = subprocess.run(
+            [sys.executable, "-c", PANDAS_RFM, str(args.csv), as_of.isoformat()],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        wall = time.perf_counter() - t
+        read_s, compute_s, rows, scored = proc.stdout.split()
+        results["pandas_rfm"] = {
+            "seconds": round(wall, 2),
+            "read_csv": float(read_s),
+            "rfm": float(compute_s),
+            "rows": int(rows),
+            "members": int(scored),
+            "load": _load(),
+        }
+        _log(f"pandas RFM: {wall:.1f}s (read {read_s}s, compute {compute_s}s; {_load()})")
+        best = min(r["seconds"] for r in runs)
+        results["speedup_vs_pandas"] = round(wall / best, 2)
+        _log(f"daily refresh (best run) vs pandas RFM-only: {wall / best:.1f}x faster")
+    print(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The daily refresh: age the windows, then lifecycle, RFM, churn scores and snapshots.
+
+Each step is a function `(session, as_of, config) -> details` run in its own unit of
+work, in the order of `REFRESH_STEPS`; other packages append theirs (custom segments).
+Every step is idempotent for a date, so running a date twice changes nothing the
+second time. The same steps run in-process (`patron refresh`, tests) or as a chain of
+RQ jobs (the scheduler and `POST /v1/scores/refresh`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from segments import lifecycle, predict, rfm, stats
+from segments.config import ScoringConfig
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[Session, date, ScoringConfig], dict[str, Any]]
+UnitOfWork = Callable[[], AbstractContextManager[Session]]
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+def _previous_start(session: Session, as_of: date) -> datetime | None:
+    steps = session.scalar(text("SELECT steps FROM score_runs WHERE as_of = :d"), {"d": as_of})
+    since = (steps or {}).get("history_since")
+    return datetime.fromisoformat(since) if since else None
+
+
+def step_windows(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """Age the rolling windows to `as_of`; re-summarise purchase days of changed members."""
+    aged = stats.age_windows(session, as_of, config.timezone)
+    if aged["mode"] == "rebuilt":
+        return aged
+    aged["history"] = stats.refresh_history(
+        session, _previous_start(session, as_of), config.timezone
+    )
+    return aged
+
+
+def step_lifecycle(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """Lifecycle stage of every member, with the changes logged."""
+    return lifecycle.refresh_stages(session, as_of, config)
+
+
+def step_rfm(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """RFM scores and segments; the cut points are stored on the run."""
+    cuts = rfm.score_members(session, as_of, config)
+    session.execute(
+        text("UPDATE score_runs SET cut_points = CAST(:c AS jsonb) WHERE as_of = :d"),
+        {"c": json.dumps({k: v for k, v in cuts.items() if k != "changed"}), "d": as_of},
+    )
+    return {"members": cuts["members"], "changed": cuts["changed"]}
+
+
+def step_churn(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """BG/NBD and Gamma-Gamma scores; the fitted parameters are stored on the run."""
+    result = predict.score_churn(session, as_of, config)
+    session.execute(
+        text("UPDATE score_runs SET churn_params = CAST(:c AS jsonb) WHERE as_of = :d"),
+        {"c": json.dumps(result), "d": as_of},
+    )
+    return {"combinations": result["combinations"]}
+
+
+def step_snapshot(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """The month's RFM snapshot, at its first refresh."""
+    return rfm.take_snapshot(session, as_of)
+
+
+def refresh_instant(as_of: date, config: ScoringConfig) -> datetime:
+    """The instant a date's refresh stands for: PATRON_REFRESH_AT on that day, local time."""
+    hour, minute = (int(v) for v in config.refresh_at.split(":"))
+    return datetime.combine(as_of, datetime.min.time(), tzinfo=config.zone).replace(
+        hour=hour, minute=minute
+    )
+
+
+def step_custom_segments(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """Custom segment memberships (segments.custom), when that package provides them."""
+    try:
+        custom = importlib.import_module("segments.custom")
+    except ImportError:
+        return {"skipped": "segments.custom is not installed"}
+    refresh_all = getattr(custom, "refresh_all", None)
+    if refresh_all is None:
+        return {"skipped": "segments.custom has no refresh_all"}
+    # A fixed instant per date keeps a re-run of the date a no-op there too.
+    outcome = refresh_all(session, refresh_instant(as_of, config))
+    return {"segments": len(outcome) if isinstance(outcome, list) else outcome}
+
+
+# The hook list: (name, step) in order. Later steps may rely on earlier ones.
+REFRESH_STEPS: list[tuple[str, Step]] = [
+    ("windows", step_windows),
+    ("lifecycle", step_lifecycle),
+    ("rfm", step_rfm),
+    ("churn", step_churn),
+    ("snapshot", step_snapshot),
+    ("custom_segments", step_custom_segments),
+]
+
+
+def steps_named(names: list[str] | None = None) -> list[tuple[str, Step]]:
+    """The refresh steps, all or the named ones (in their usual order)."""
+    if names is None:
+        return list(REFRESH_STEPS)
+    known = {n for n, _ in REFRESH_STEPS}
+    unknown = set(names) - known
+    if unknown:
+        raise ValueError(f"unknown refresh steps {sorted(unknown)}; known: {sorted(known)}")
+    return [(n, s) for n, s in REFRESH_STEPS if n in names]
+
+
+def begin_run(session: Session, as_of: date, config: ScoringConfig) -> None:
+    """Create (or restart) the run row of `as_of`, remembering where history resumes."""
+    previous = session.scalar(
+        text("SELECT max(started_at) FROM score_runs WHERE finished_at IS NOT NULL")
+    )
+    since = previous.isoformat() if previous else None
+    session.execute(
+        text(
+            "INSERT INTO score_runs (as_of, started_at, config, steps)"
+            " VALUES (:d, now(), CAST(:config AS jsonb), CAST(:steps AS jsonb))"
+            " ON CONFLICT (as_of) DO UPDATE SET started_at = now(), finished_at = NULL,"
+            " config = EXCLUDED.config, steps = EXCLUDED.steps"
+        ),
+        {
+            "d": as_of,
+            "config": json.dumps(config.as_json()),
+            "steps": json.dumps({"history_since": since}),
+        },
+    )
+
+
+def run_step(
+    session: Session, name: str, step: Step, as_of: date, config: ScoringConfig
+) -> dict[str, Any]:
+    """Run one step and record its details and duration on the run."""
+    started = time.perf_counter()
+    details = step(session, as_of, config)
+    details = {"seconds": round(time.perf_counter() - started, 3), **details}
+    session.execute(
+        text(
+            "UPDATE score_runs SET steps = steps || jsonb_build_object(:name, CAST(:d AS jsonb))"
+            " WHERE as_of = :as_of"
+        ),
+        {"name": name, "d": json.dumps(details, default=str), "as_of": as_of},
+    )
+    log.info("refresh %s %s: %s", as_of, name, details)
+    return details
+
+
+def finish_run(session: Session, as_of: date) -> None:
+    """Mark the run of `as_of` complete; counts the scored members."""
+    session.execute(
+        text(
+            "UPDATE score_runs SET finished_at = now(),"
+            " scored = (SELECT count(*) FROM member_scores WHERE r IS NOT NULL)"
+            " WHERE as_of = :d"
+        ),
+        {"d": as_of},
+    )
+
+
+def today(config: ScoringConfig, now: datetime | None = None) -> date:
+    """The refresh date for `now`: today in the business time zone."""
+    return (now or datetime.now(UTC)).astimezone(config.zone).date()
+
+
+def run_refresh(
+    unit_of_work: UnitOfWork,
+    as_of: date | None = None,
+    *,
+    config: ScoringConfig | None = None,
+    steps: list[str] | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """Run the refresh in this process, one unit of work per step; returns details per step."""
+    config = config or ScoringConfig.from_env()
+    as_of = as_of or today(config)
+    chosen = steps_named(steps)
+    with unit_of_work() as session:
+        begin_run(session, as_of, config)
+    results: dict[str, Any] = {}
+    for name, step in chosen:
+        if progress:
+            progress(name, {"status": "started"})
+        with unit_of_work() as session:
+            results[name] = run_step(session, name, step, as_of, config)
+        if progress:
+            progress(name, results[name])
+    with unit_of_work() as session:
+        finish_run(session, as_of)
+    return {"as_of": as_of.isoformat(), "steps": results}
+
+
+def refresh_cron(config: ScoringConfig, now: datetime | None = None) -> str:
+    """A cron string for rq.cron (which reads it in this process's local time zone).
+
+    The configured HH:MM in the business zone is converted with today's offsets; zones
+    with daylight saving move by an hour on the change days, which a daily job tolerates.
+    """
+    here = refresh_instant(today(config, now), config).astimezone()
+    return f"{here.minute} {here.hour} * * *"
+
+
+def iter_step_names() -> Iterator[str]:
+    """Names of the refresh steps in order (for job fan-out and the API)."""
+    return (n for n, _ in REFRESH_STEPS)

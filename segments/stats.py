@@ -1,0 +1,378 @@
+"""Member statistics kept fresh: rolling windows, their daily ageing, and full rebuilds.
+
+A window of N days as of date D counts purchases made since local midnight of day
+D - N + 1 in the business time zone (with no upper bound, so a purchase made while
+the windows are as of D is counted at once). Spend is the purchase amount net of what
+has been refunded on those purchases, so a refund lowers the windows that hold its
+original purchase. Three paths keep the same numbers:
+
+- each purchase / refund adds itself (`PURCHASE_WINDOW_*` fragments, `apply_*`),
+- the daily step moves D forward and subtracts only what left each window that day,
+- `rebuild_windows` recomputes them from transactions (set-based, any member subset).
+
+The window starts live in the one-row `stats_windows` table, which the purchase path
+reads in the same statement.
+"""
+
+# SQL here is assembled from this module's constants only; every value is a bound parameter.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from typing import Any, cast
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import Connection, CursorResult, text
+from sqlalchemy.orm import Session
+
+from segments.config import ScoringConfig
+
+WINDOWS = (30, 90, 365)
+# Members whose statistics row changed less than this long before the previous refresh
+# started are re-summarised too: a purchase transaction that began before the refresh
+# (its updated_at is its start time) may have committed after the refresh read the table.
+HISTORY_MARGIN = timedelta(hours=1)
+
+Bind = Session | Connection
+
+
+@dataclass(frozen=True)
+class WindowState:
+    """The date the windows are as of, and where each window starts."""
+
+    as_of: date
+    timezone: str
+    starts: dict[int, datetime]
+
+
+def window_starts(as_of: date, timezone: str) -> dict[int, datetime]:
+    """Local midnight of day as_of - N + 1, for each window length N."""
+    zone = ZoneInfo(timezone)
+    return {
+        n: datetime.combine(as_of - timedelta(days=n - 1), time(0), tzinfo=zone) for n in WINDOWS
+    }
+
+
+def local_today(timezone: str, now: datetime | None = None) -> date:
+    """Today's date in the business time zone."""
+    zone = ZoneInfo(timezone)
+    return (now or datetime.now(zone)).astimezone(zone).date()
+
+
+def current_state(bind: Bind, *, lock: bool = False) -> WindowState | None:
+    """The stored window state (None before the first refresh); `lock` serialises refreshes."""
+    row = bind.execute(
+        text(
+            "SELECT as_of, timezone, start_30d, start_90d, start_365d FROM stats_windows"
+            " WHERE id = 1" + (" FOR UPDATE" if lock else "")
+        )
+    ).first()
+    if row is None:
+        return None
+    return WindowState(row.as_of, row.timezone, dict(zip(WINDOWS, row[2:], strict=True)))
+
+
+def _save_state(bind: Bind, as_of: date, timezone: str) -> WindowState:
+    starts = window_starts(as_of, timezone)
+    bind.execute(
+        text(
+            "INSERT INTO stats_windows (id, as_of, timezone, start_30d, start_90d, start_365d,"
+            " updated_at) VALUES (1, :as_of, :tz, :s30, :s90, :s365, now())"
+            " ON CONFLICT (id) DO UPDATE SET as_of = EXCLUDED.as_of, timezone = EXCLUDED.timezone,"
+            " start_30d = EXCLUDED.start_30d, start_90d = EXCLUDED.start_90d,"
+            " start_365d = EXCLUDED.start_365d, updated_at = now()"
+        ),
+        {"as_of": as_of, "tz": timezone, "s30": starts[30], "s90": starts[90], "s365": starts[365]},
+    )
+    return WindowState(as_of, timezone, starts)
+
+
+# --- the purchase path ------------------------------------------------------------------
+#
+# For the member_stats upsert of a purchase (service.events): add the columns, the values
+# (from `tx LEFT JOIN stats_windows w ON w.id = 1`) and the update. Before the first
+# refresh there is no window state and everything counts; that refresh rebuilds anyway.
+
+PURCHASE_WINDOW_COLUMNS = (
+    "purchases_30d, purchases_90d, purchases_365d, spend_30d, spend_90d, spend_365d"
+)
+_IN = "(w.start_{n}d IS NULL OR CAST(:occurred_at AS timestamptz) >= w.start_{n}d)"
+PURCHASE_WINDOW_VALUES = ", ".join(
+    [f"CAST({_IN.format(n=n)} AS integer)" for n in WINDOWS]
+    + [f"CASE WHEN {_IN.format(n=n)} THEN CAST(:amount AS numeric) ELSE 0 END" for n in WINDOWS]
+)
+PURCHASE_WINDOW_FROM = "LEFT JOIN stats_windows w ON w.id = 1"
+PURCHASE_WINDOW_UPDATE = ", ".join(
+    f"{c} = ms.{c} + EXCLUDED.{c}" for c in PURCHASE_WINDOW_COLUMNS.split(", ")
+)
+PURCHASE_WINDOW_RETURNING = PURCHASE_WINDOW_COLUMNS
+
+_APPLY_PURCHASE = text(
+    f"""
+    INSERT INTO member_stats AS ms (member_id, first_purchase_at, last_purchase_at,
+                                    purchase_count, purchase_amount, net_spend, updated_at,
+                                    {PURCHASE_WINDOW_COLUMNS})
+    SELECT CAST(:member_id AS bigint), :occurred_at, :occurred_at, 1, :amount, :amount, now(),
+           {PURCHASE_WINDOW_VALUES}
+    FROM (SELECT 1) AS one {PURCHASE_WINDOW_FROM}
+    ON CONFLICT (member_id) DO UPDATE SET
+        first_purchase_at = LEAST(ms.first_purchase_at, EXCLUDED.first_purchase_at),
+        last_purchase_at = GREATEST(ms.last_purchase_at, EXCLUDED.last_purchase_at),
+        purchase_count = ms.purchase_count + 1,
+        purchase_amount = ms.purchase_amount + EXCLUDED.purchase_amount,
+        net_spend = ms.net_spend + EXCLUDED.net_spend,
+        updated_at = now(),
+        {PURCHASE_WINDOW_UPDATE}
+    """
+)
+
+# A refund lowers the spend of the windows holding its original purchase.
+REFUND_WINDOW_UPDATE = text(
+    """
+    UPDATE member_stats ms SET
+        spend_30d = ms.spend_30d
+            - CASE WHEN w.start_30d IS NULL OR t.occurred_at >= w.start_30d
+                   THEN CAST(:amount AS numeric) ELSE 0 END,
+        spend_90d = ms.spend_90d
+            - CASE WHEN w.start_90d IS NULL OR t.occurred_at >= w.start_90d
+                   THEN CAST(:amount AS numeric) ELSE 0 END,
+        spend_365d = ms.spend_365d
+            - CASE WHEN w.start_365d IS NULL OR t.occurred_at >= w.start_365d
+                   THEN CAST(:amount AS numeric) ELSE 0 END
+    FROM transactions t LEFT JOIN stats_windows w ON w.id = 1
+    WHERE t.id = :original_id AND ms.member_id = t.member_id
+    """
+)
+
+
+def apply_purchase(bind: Bind, member_id: int, occurred_at: datetime, amount: Decimal) -> None:
+    """Add one purchase to a member's statistics, windows included (the events path's SQL)."""
+    bind.execute(
+        _APPLY_PURCHASE, {"member_id": member_id, "occurred_at": occurred_at, "amount": amount}
+    )
+
+
+def apply_refund_to_windows(bind: Bind, original_id: int, amount: Decimal) -> None:
+    """Lower the window spend of a refunded purchase (after refunded_amount is raised)."""
+    bind.execute(REFUND_WINDOW_UPDATE, {"original_id": original_id, "amount": amount})
+
+
+# --- daily ageing -------------------------------------------------------------------------
+
+_LEFT = "(occurred_at >= :old{n} AND occurred_at < :new{n})"
+_AGE = text(
+    f"""
+    UPDATE member_stats ms SET
+        {", ".join(f"purchases_{n}d = ms.purchases_{n}d - l.c{n}" for n in WINDOWS)},
+        {", ".join(f"spend_{n}d = ms.spend_{n}d - l.s{n}" for n in WINDOWS)}
+    FROM (
+        SELECT member_id,
+               {", ".join(f"count(*) FILTER (WHERE {_LEFT.format(n=n)}) AS c{n}" for n in WINDOWS)},
+               {
+        ", ".join(
+            f"COALESCE(sum(amount - refunded_amount) FILTER (WHERE {_LEFT.format(n=n)}), 0) AS s{n}"
+            for n in WINDOWS
+        )
+    }
+        FROM transactions
+        WHERE kind = 'purchase' AND ({" OR ".join(_LEFT.format(n=n) for n in WINDOWS)})
+        GROUP BY member_id
+    ) l
+    WHERE ms.member_id = l.member_id
+    """
+)
+
+
+def age_windows(bind: Bind, as_of: date, timezone: str) -> dict[str, Any]:
+    """Move the windows to `as_of`, subtracting only the purchases that left each window.
+
+    Idempotent: a second call for the same date changes nothing. Without a state, with a
+    changed time zone or when going back in time, the windows are rebuilt instead.
+    """
+    state = current_state(bind, lock=True)
+    if state is not None and state.as_of == as_of and state.timezone == timezone:
+        return {"mode": "unchanged", "members": 0}
+    if state is None or state.timezone != timezone or as_of < state.as_of:
+        return {"mode": "rebuilt", "members": rebuild_windows(bind, as_of, timezone=timezone)}
+    new = window_starts(as_of, timezone)
+    params: dict[str, Any] = {}
+    for n in WINDOWS:
+        params[f"old{n}"], params[f"new{n}"] = state.starts[n], new[n]
+    result = cast(CursorResult[Any], bind.execute(_AGE, params))
+    _save_state(bind, as_of, timezone)
+    return {"mode": "aged", "members": result.rowcount, "days": (as_of - state.as_of).days}
+
+
+# --- rebuild from transactions ------------------------------------------------------------
+
+_LOCAL_DAY = "CAST(timezone(:tz, occurred_at) AS date)"
+
+# Windows for the chosen members (all when :ids is NULL), from their purchases.
+_WINDOW_AGG = f"""
+    SELECT member_id,
+           {
+    ", ".join(f"count(*) FILTER (WHERE occurred_at >= :s{n}) AS purchases_{n}d" for n in WINDOWS)
+},
+           {
+    ", ".join(
+        f"COALESCE(sum(amount - refunded_amount) FILTER (WHERE occurred_at >= :s{n}), 0)"
+        f" AS spend_{n}d"
+        for n in WINDOWS
+    )
+}
+    FROM transactions
+    WHERE kind = 'purchase'
+      AND (CAST(:ids AS bigint[]) IS NULL OR member_id = ANY(CAST(:ids AS bigint[])))
+      AND occurred_at >= :s365
+    GROUP BY member_id
+"""
+
+# Distinct local purchase days and the median gap between consecutive ones.
+_HISTORY_AGG = f"""
+    SELECT member_id, count(*) AS purchase_days,
+           CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY gap) AS numeric(8, 1))
+               AS median_interpurchase_days
+    FROM (
+        SELECT member_id, day - lag(day) OVER (PARTITION BY member_id ORDER BY day) AS gap
+        FROM (
+            SELECT DISTINCT member_id, {_LOCAL_DAY} AS day
+            FROM transactions
+            WHERE kind = 'purchase' AND ({{members}})
+        ) d
+    ) g
+    GROUP BY member_id
+"""
+
+_COLUMNS = [f"purchases_{n}d" for n in WINDOWS] + [f"spend_{n}d" for n in WINDOWS]
+
+_REBUILD_WINDOWS = text(
+    f"""
+    UPDATE member_stats ms SET
+        {", ".join(f"{c} = COALESCE(w.{c}, 0)" for c in _COLUMNS)}
+    FROM member_stats s LEFT JOIN ({_WINDOW_AGG}) w USING (member_id)
+    WHERE ms.member_id = s.member_id
+      AND (CAST(:ids AS bigint[]) IS NULL OR s.member_id = ANY(CAST(:ids AS bigint[])))
+      AND ({" OR ".join(f"ms.{c} IS DISTINCT FROM COALESCE(w.{c}, 0)" for c in _COLUMNS)})
+    """
+)
+
+_HISTORY_SET = """
+    UPDATE member_stats ms SET
+        purchase_days = COALESCE(h.purchase_days, 0),
+        median_interpurchase_days = h.median_interpurchase_days
+    FROM member_stats s LEFT JOIN ({agg}) h USING (member_id)
+    WHERE ms.member_id = s.member_id AND ({targets})
+      AND (ms.purchase_days IS DISTINCT FROM COALESCE(h.purchase_days, 0)
+           OR ms.median_interpurchase_days IS DISTINCT FROM h.median_interpurchase_days)
+"""
+_BY_IDS = "CAST(:ids AS bigint[]) IS NULL OR member_id = ANY(CAST(:ids AS bigint[]))"
+_REBUILD_HISTORY = text(
+    _HISTORY_SET.format(
+        agg=_HISTORY_AGG.format(members=_BY_IDS),
+        targets=_BY_IDS.replace("member_id", "s.member_id"),
+    )
+)
+# Members whose row changed since `since` (the events path and the importer both set
+# updated_at); a sequential scan of member_stats, then index lookups of their purchases.
+_DIRTY = "member_id IN (SELECT member_id FROM member_stats WHERE updated_at >= :since)"
+_REFRESH_HISTORY = text(
+    _HISTORY_SET.format(
+        agg=_HISTORY_AGG.format(members=_DIRTY),
+        targets=_DIRTY.replace("member_id IN", "s.member_id IN"),
+    )
+)
+
+
+def _ids(member_ids: Iterable[int] | None) -> list[int] | None:
+    return None if member_ids is None else sorted({int(i) for i in member_ids})
+
+
+def rebuild_windows(
+    bind: Bind,
+    as_of: date | None = None,
+    member_ids: Iterable[int] | None = None,
+    *,
+    timezone: str | None = None,
+) -> int:
+    """Recompute windows, purchase days and median gaps from transactions; returns rows changed.
+
+    For all members this also (re)sets the window state to `as_of` (default: the stored
+    date, else today). For a subset of members (e.g. after an import) `as_of` must be the
+    stored date or omitted, since the other members' windows stay as they are.
+    """
+    state = current_state(bind, lock=True)
+    tz = timezone or (state.timezone if state else ScoringConfig.from_env().timezone)
+    ids = _ids(member_ids)
+    if as_of is None:
+        as_of = state.as_of if state else local_today(tz)
+    if ids is not None and state is not None and (state.as_of != as_of or state.timezone != tz):
+        raise ValueError(
+            f"windows are as of {state.as_of} ({state.timezone}); a partial rebuild must use that"
+        )
+    if ids is None or state is None:
+        _save_state(bind, as_of, tz)
+    starts = window_starts(as_of, tz)
+    params: dict[str, Any] = {"ids": ids, "tz": tz}
+    params.update({f"s{n}": starts[n] for n in WINDOWS})
+    changed = cast(CursorResult[Any], bind.execute(_REBUILD_WINDOWS, params)).rowcount
+    bind.execute(_REBUILD_HISTORY, {"ids": ids, "tz": tz})
+    return int(changed)
+
+
+def refresh_history(bind: Bind, since: datetime | None, timezone: str) -> int:
+    """Re-summarise purchase days and median gaps of members changed since `since`."""
+    if since is None:
+        result = bind.execute(_REBUILD_HISTORY, {"ids": None, "tz": timezone})
+    else:
+        result = bind.execute(_REFRESH_HISTORY, {"since": since - HISTORY_MARGIN, "tz": timezone})
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+_REBUILD_LIFETIME = text(
+    """
+    INSERT INTO member_stats AS ms (member_id, first_purchase_at, last_purchase_at,
+                                    purchase_count, purchase_amount, refund_count,
+                                    refund_amount, net_spend, updated_at)
+    SELECT member_id,
+           min(occurred_at) FILTER (WHERE kind = 'purchase'),
+           max(occurred_at) FILTER (WHERE kind = 'purchase'),
+           count(*) FILTER (WHERE kind = 'purchase'),
+           COALESCE(sum(amount) FILTER (WHERE kind = 'purchase'), 0),
+           count(*) FILTER (WHERE kind = 'refund'),
+           COALESCE(sum(amount) FILTER (WHERE kind = 'refund'), 0),
+           COALESCE(sum(CASE WHEN kind = 'purchase' THEN amount ELSE -amount END), 0),
+           now()
+    FROM transactions
+    GROUP BY member_id
+    ON CONFLICT (member_id) DO UPDATE SET
+        first_purchase_at = EXCLUDED.first_purchase_at,
+        last_purchase_at = EXCLUDED.last_purchase_at,
+        purchase_count = EXCLUDED.purchase_count,
+        purchase_amount = EXCLUDED.purchase_amount,
+        refund_count = EXCLUDED.refund_count,
+        refund_amount = EXCLUDED.refund_amount,
+        net_spend = EXCLUDED.net_spend
+    WHERE (ms.first_purchase_at, ms.last_purchase_at, ms.purchase_count, ms.purchase_amount,
+           ms.refund_count, ms.refund_amount, ms.net_spend)
+          IS DISTINCT FROM
+          (EXCLUDED.first_purchase_at, EXCLUDED.last_purchase_at, EXCLUDED.purchase_count,
+           EXCLUDED.purchase_amount, EXCLUDED.refund_count, EXCLUDED.refund_amount,
+           EXCLUDED.net_spend)
+    """
+)
+
+
+def rebuild_all_stats(bind: Bind, as_of: date | None = None, *, timezone: str | None = None) -> int:
+    """Recompute every member_stats column from transactions (lifetime, windows, history)."""
+    bind.execute(_REBUILD_LIFETIME)
+    bind.execute(
+        text(
+            "DELETE FROM member_stats ms WHERE NOT EXISTS"
+            " (SELECT 1 FROM transactions t WHERE t.member_id = ms.member_id)"
+        )
+    )
+    return rebuild_windows(bind, as_of, timezone=timezone)

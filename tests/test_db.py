@@ -1,0 +1,109 @@
+"""The engine: idle pooled connections are checked before use; hot statements are prepared."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import Session
+
+from service.config import Config
+from service.db import execute_prepared, make_engine
+
+
+def _backend_pid(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+
+def test_connection_idle_too_long_is_pinged_and_replaced_when_dead(config: Config, engine: Engine):
+    pooled = make_engine(replace(config, db_pool_size=1, db_ping_idle_seconds=0))
+    try:
+        first = _backend_pid(pooled)
+        with engine.connect() as admin:
+            admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            for _ in range(50):
+                gone = admin.execute(
+                    text("SELECT count(*) = 0 FROM pg_stat_activity WHERE pid = :pid"),
+                    {"pid": first},
+                ).scalar_one()
+                if gone:
+                    break
+                time.sleep(0.05)
+        # The dead pooled connection fails its ping and is swapped for a fresh one.
+        assert _backend_pid(pooled) != first
+    finally:
+        pooled.dispose()
+
+
+@pytest.mark.parametrize(("idle_seconds", "pings"), [(60.0, 0), (0.0, 2)])
+def test_recently_used_connection_is_not_pinged(
+    config: Config, monkeypatch: pytest.MonkeyPatch, idle_seconds: float, pings: int
+):
+    pooled = make_engine(replace(config, db_pool_size=1, db_ping_idle_seconds=idle_seconds))
+    calls: list[object] = []
+    real_ping = pooled.dialect.do_ping
+
+    def counting_ping(dbapi_connection: object) -> bool:
+        calls.append(dbapi_connection)
+        return bool(real_ping(dbapi_connection))
+
+    monkeypatch.setattr(pooled.dialect, "do_ping", counting_ping)
+    try:
+        pids = {_backend_pid(pooled) for _ in range(3)}  # a new connection, then reused twice
+        assert len(pids) == 1
+        assert len(calls) == pings
+    finally:
+        pooled.dispose()
+
+
+_ADD = text("SELECT CAST(:a AS integer) + CAST(:b AS integer) AS total, '100%' AS pct")
+
+
+def _prepared_names(session: Session) -> list[str]:
+    rows = session.execute(text("SELECT name FROM pg_prepared_statements")).scalars()
+    return [name for name in rows if name.startswith("patron_")]
+
+
+def test_hot_statements_are_prepared_once_per_connection(config: Config):
+    pooled = make_engine(replace(config, db_pool_size=1))
+    try:
+        with Session(pooled) as session:
+            row = execute_prepared(session, _ADD, {"a": 2, "b": 3})
+            assert (row.total, row.pct) == (5, "100%")
+            session.rollback()  # prepared statements outlive transactions
+            assert execute_prepared(session, _ADD, {"a": 4, "b": None}).total is None
+            assert len(_prepared_names(session)) == 1
+        with Session(pooled) as session:  # same pooled connection: not prepared again
+            assert execute_prepared(session, _ADD, {"b": 1, "a": 1}).total == 2
+            assert len(_prepared_names(session)) == 1
+    finally:
+        pooled.dispose()
+
+
+def test_a_vanished_prepared_statement_is_prepared_again(config: Config):
+    pooled = make_engine(replace(config, db_pool_size=1))
+    try:
+        with Session(pooled) as session:
+            execute_prepared(session, _ADD, {"a": 1, "b": 1})
+            session.execute(text("DEALLOCATE ALL"))  # what a pooling proxy might do
+            session.commit()
+            with pytest.raises(DBAPIError):
+                execute_prepared(session, _ADD, {"a": 1, "b": 1})
+            session.rollback()
+            assert execute_prepared(session, _ADD, {"a": 1, "b": 2}).total == 3
+    finally:
+        pooled.dispose()
+
+
+def test_prepared_statements_can_be_turned_off(config: Config):
+    plain = make_engine(replace(config, db_pool_size=1, db_prepared_statements=False))
+    try:
+        with Session(plain) as session:
+            assert execute_prepared(session, _ADD, {"a": 20, "b": 22}).total == 42
+            assert _prepared_names(session) == []
+    finally:
+        plain.dispose()
