@@ -100,7 +100,9 @@ def _save_state(bind: Bind, as_of: date, timezone: str) -> WindowState:
 PURCHASE_WINDOW_COLUMNS = (
     "purchases_30d, purchases_90d, purchases_365d, spend_30d, spend_90d, spend_365d"
 )
-_IN = "(w.start_{n}d IS NULL OR CAST(:occurred_at AS timestamptz) >= w.start_{n}d)"
+# Before the first refresh there is no window state yet: fall back to "the last N days
+# from now", which the first refresh or rebuild then aligns to local midnight.
+_IN = "(CAST(:occurred_at AS timestamptz) >= COALESCE(w.start_{n}d, now() - interval '{n} days'))"
 PURCHASE_WINDOW_VALUES = ", ".join(
     [f"CAST({_IN.format(n=n)} AS integer)" for n in WINDOWS]
     + [f"CASE WHEN {_IN.format(n=n)} THEN CAST(:amount AS numeric) ELSE 0 END" for n in WINDOWS]
@@ -240,8 +242,8 @@ _HISTORY_AGG = f"""
         SELECT member_id, day - lag(day) OVER (PARTITION BY member_id ORDER BY day) AS gap
         FROM (
             SELECT DISTINCT member_id, {_LOCAL_DAY} AS day
-            FROM transactions
-            WHERE kind = 'purchase' AND ({{members}})
+            FROM {{source}}
+            WHERE kind = 'purchase'
         ) d
     ) g
     GROUP BY member_id
@@ -269,22 +271,26 @@ _HISTORY_SET = """
       AND (ms.purchase_days IS DISTINCT FROM COALESCE(h.purchase_days, 0)
            OR ms.median_interpurchase_days IS DISTINCT FROM h.median_interpurchase_days)
 """
-_BY_IDS = "CAST(:ids AS bigint[]) IS NULL OR member_id = ANY(CAST(:ids AS bigint[]))"
-_REBUILD_HISTORY = text(
+_HISTORY_ALL = text(
+    _HISTORY_SET.format(agg=_HISTORY_AGG.format(source="transactions"), targets="true")
+)
+# For a subset, the ids drive a nested loop over the (member_id, occurred_at) index:
+# a filter on a scan of every transaction costs seconds even for a few members.
+_HISTORY_OF_IDS = text(
     _HISTORY_SET.format(
-        agg=_HISTORY_AGG.format(members=_BY_IDS),
-        targets=_BY_IDS.replace("member_id", "s.member_id"),
+        agg=_HISTORY_AGG.format(
+            source="unnest(CAST(:ids AS bigint[])) AS d(member_id)"
+            " JOIN transactions USING (member_id)"
+        ),
+        targets="s.member_id = ANY(CAST(:ids AS bigint[]))",
     )
 )
-# Members whose row changed since `since` (the events path and the importer both set
-# updated_at); a sequential scan of member_stats, then index lookups of their purchases.
-_DIRTY = "member_id IN (SELECT member_id FROM member_stats WHERE updated_at >= :since)"
-_REFRESH_HISTORY = text(
-    _HISTORY_SET.format(
-        agg=_HISTORY_AGG.format(members=_DIRTY),
-        targets=_DIRTY.replace("member_id IN", "s.member_id IN"),
-    )
-)
+
+
+def _history(bind: Bind, ids: list[int] | None, timezone: str) -> int:
+    statement = _HISTORY_ALL if ids is None else _HISTORY_OF_IDS
+    result = bind.execute(statement, {"ids": ids, "tz": timezone})
+    return int(cast(CursorResult[Any], result).rowcount)
 
 
 def _ids(member_ids: Iterable[int] | None) -> list[int] | None:
@@ -319,17 +325,32 @@ def rebuild_windows(
     params: dict[str, Any] = {"ids": ids, "tz": tz}
     params.update({f"s{n}": starts[n] for n in WINDOWS})
     changed = cast(CursorResult[Any], bind.execute(_REBUILD_WINDOWS, params)).rowcount
-    bind.execute(_REBUILD_HISTORY, {"ids": ids, "tz": tz})
+    _history(bind, ids, tz)
     return int(changed)
+
+
+# Above this share of changed members one pass over all transactions beats index lookups.
+FULL_HISTORY_SHARE = 0.1
 
 
 def refresh_history(bind: Bind, since: datetime | None, timezone: str) -> int:
     """Re-summarise purchase days and median gaps of members changed since `since`."""
-    if since is None:
-        result = bind.execute(_REBUILD_HISTORY, {"ids": None, "tz": timezone})
-    else:
-        result = bind.execute(_REFRESH_HISTORY, {"since": since - HISTORY_MARGIN, "tz": timezone})
-    return int(cast(CursorResult[Any], result).rowcount)
+    ids: list[int] | None = None
+    if since is not None:
+        row = bind.execute(
+            text(
+                "SELECT array_agg(member_id) FILTER (WHERE updated_at >= :since), count(*)"
+                " FROM member_stats"
+            ),
+            {"since": since - HISTORY_MARGIN},
+        ).one()
+        changed, total = row[0] or [], row[1]
+        if not changed:
+            return 0
+        # The ids go in as an array so each member's purchases are read through the
+        # (member_id, occurred_at) index instead of one pass over every transaction.
+        ids = changed if len(changed) <= FULL_HISTORY_SHARE * total else None
+    return _history(bind, ids, timezone)
 
 
 _REBUILD_LIFETIME = text(

@@ -13,6 +13,14 @@ from typing import Any
 from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
+from segments.stats import (
+    PURCHASE_WINDOW_COLUMNS,
+    PURCHASE_WINDOW_FROM,
+    PURCHASE_WINDOW_RETURNING,
+    PURCHASE_WINDOW_UPDATE,
+    PURCHASE_WINDOW_VALUES,
+    apply_refund_to_windows,
+)
 from service.db import execute_prepared
 from service.errors import Conflict, ValidationFailed
 from service.models import Member, MemberStatus, Store, Transaction
@@ -63,7 +71,7 @@ _INSERT = text(
 # really inserted (not a replay; member and store found), the member_stats upsert,
 # chained by a data-modifying CTE. No row back means "not inserted".
 _INSERT_PURCHASE = text(
-    """
+    f"""
     WITH tx AS (
         INSERT INTO transactions (external_id, idempotency_key, request_hash, kind, member_id,
                                   store_id, channel, occurred_at, amount, currency, items)
@@ -76,21 +84,25 @@ _INSERT_PURCHASE = text(
         RETURNING id, member_id
     ), stats AS (
         INSERT INTO member_stats AS ms (member_id, first_purchase_at, last_purchase_at,
-                                        purchase_count, purchase_amount, net_spend, updated_at)
-        SELECT member_id, :occurred_at, :occurred_at, 1, :amount, :amount, now() FROM tx
+                                        purchase_count, purchase_amount, net_spend, updated_at,
+                                        {PURCHASE_WINDOW_COLUMNS})
+        SELECT member_id, :occurred_at, :occurred_at, 1, :amount, :amount, now(),
+               {PURCHASE_WINDOW_VALUES}
+        FROM tx {PURCHASE_WINDOW_FROM}
         ON CONFLICT (member_id) DO UPDATE SET
             first_purchase_at = LEAST(ms.first_purchase_at, EXCLUDED.first_purchase_at),
             last_purchase_at = GREATEST(ms.last_purchase_at, EXCLUDED.last_purchase_at),
             purchase_count = ms.purchase_count + 1,
             purchase_amount = ms.purchase_amount + EXCLUDED.purchase_amount,
             net_spend = ms.net_spend + EXCLUDED.net_spend,
-            updated_at = now()
-        RETURNING member_id, purchase_count, net_spend, first_purchase_at, last_purchase_at
+            updated_at = now(),
+            {PURCHASE_WINDOW_UPDATE}
+        RETURNING member_id, purchase_count, net_spend, first_purchase_at, last_purchase_at,
+                  {PURCHASE_WINDOW_RETURNING}
     )
-    SELECT tx.id, stats.purchase_count, stats.net_spend, stats.first_purchase_at,
-           stats.last_purchase_at
+    SELECT tx.id, stats.*
     FROM tx JOIN stats USING (member_id)
-    """
+    """  # noqa: S608 - fixed column lists from segments.stats, values are bound parameters
 )
 
 _REFUND_STATS = text(
@@ -179,7 +191,7 @@ def _params(
 
 
 def _stats_body(stats: Any) -> dict[str, Any]:
-    return {
+    body: dict[str, Any] = {
         "purchase_count": stats.purchase_count,
         "net_spend": str(stats.net_spend),
         "first_purchase_at": stats.first_purchase_at.isoformat()
@@ -187,6 +199,16 @@ def _stats_body(stats: Any) -> dict[str, Any]:
         else None,
         "last_purchase_at": stats.last_purchase_at.isoformat() if stats.last_purchase_at else None,
     }
+    if "spend_30d" in stats._fields:
+        # What the till can print: this member's spend in the rolling windows, now.
+        body["windows"] = {
+            f"{n}d": {
+                "purchases": getattr(stats, f"purchases_{n}d"),
+                "spend": str(getattr(stats, f"spend_{n}d")),
+            }
+            for n in (30, 90, 365)
+        }
+    return body
 
 
 def record_purchase(
@@ -281,6 +303,7 @@ def record_refund(
     stats = session.execute(
         _REFUND_STATS, {"member_id": inserted.member_id, "amount": payload["amount"]}
     ).one()
+    apply_refund_to_windows(session, original.id, payload["amount"])
     body = {
         "transaction_id": payload["transaction_id"],
         "kind": "refund",

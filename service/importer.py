@@ -118,7 +118,7 @@ MSG_EXTERNAL_ID = (
 MSG_STORE_CODE = (
     "must be 1-64 characters: letters, digits and . _ - (starting with one of the first two)"
 )
-MSG_AMOUNT = "must be a positive decimal with at most 2 places"
+MSG_AMOUNT = "must be a decimal with at most 2 places (0 or more for purchases, more for refunds)"
 MSG_TIMESTAMP = "must be an ISO 8601 timestamp with offset, e.g. 2026-11-01T10:00:00+08:00"
 MSG_NAIVE = "must include a time-zone offset, e.g. 2026-11-01T10:00:00+08:00"
 
@@ -1088,7 +1088,8 @@ def _transactions_sql(currency: str) -> str:
         _case(
             ("t.amount_raw IS NULL", _msg("amount", "is required")),
             ("t.amount IS NULL", _msg("amount", MSG_AMOUNT)),
-            ("t.amount <= 0", _msg("amount", MSG_AMOUNT)),
+            # As over HTTP: a fully discounted sale is a purchase; a refund of nothing is not.
+            ("t.amount < 0 OR (t.amount = 0 AND t.kind = 'refund')", _msg("amount", MSG_AMOUNT)),
             ("t.amount >= 1000000000", _msg("amount", "is implausibly large")),
         ),
         _case(
@@ -1373,12 +1374,30 @@ def _import_transactions(run: _Run) -> None:
     try:
         with run.savepoint():
             _merge_transactions(run, dedupe=False)
-        return
     except DBAPIError as exc:
         if not isinstance(exc.orig, psycopg2.errors.UniqueViolation):
             raise
-    run.sql("DROP TABLE IF EXISTS {refunds}, {originals}, {pids}, {links}")
-    _merge_transactions(run, dedupe=True)
+        run.sql("DROP TABLE IF EXISTS {refunds}, {originals}, {pids}, {links}")
+        _merge_transactions(run, dedupe=True)
+    _refresh_windows(run)
+
+
+def _refresh_windows(run: _Run) -> None:
+    # The rolling windows (30/90/365 days) of the members who got transactions, in the
+    # same transaction as the import, so nothing reads half-updated statistics.
+    from segments.stats import rebuild_windows
+
+    if not run.report.inserted:
+        return
+    ids = (
+        run.sql(
+            "SELECT DISTINCT member_pk FROM {valid} WHERE error IS NULL AND member_pk IS NOT NULL"
+        )
+        .scalars()
+        .all()
+    )
+    with run.timed("windows"):
+        rebuild_windows(run.conn, member_ids=[int(i) for i in ids])
 
 
 def _import_members(run: _Run) -> None:

@@ -300,3 +300,40 @@ def test_zero_purchase_counts_but_zero_refund_is_rejected(
         headers=pos,
     )
     assert nothing.status_code == 422 and "amount" in nothing.json["errors"]
+
+
+def test_purchase_and_refund_keep_rolling_windows_equal_to_a_rebuild(
+    client: FlaskClient, pos: dict[str, str], member: str, store: str, session: Session
+):
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import text
+
+    from segments.stats import rebuild_windows
+
+    now = datetime.now(UTC)
+    recent = purchase_payload(
+        member, store, amount="80.00", occurred_at=(now - timedelta(days=2)).isoformat()
+    )
+    old = purchase_payload(
+        member, store, amount="20.00", occurred_at=(now - timedelta(days=200)).isoformat()
+    )
+    first = client.post("/v1/events/purchases", json=recent, headers=pos)
+    assert first.json["member"]["windows"]["30d"] == {"purchases": 1, "spend": "80.00"}
+    second = client.post("/v1/events/purchases", json=old, headers=pos)
+    assert second.json["member"]["windows"]["30d"] == {"purchases": 1, "spend": "80.00"}
+    assert second.json["member"]["windows"]["365d"] == {"purchases": 2, "spend": "100.00"}
+    r = client.post(
+        "/v1/events/refunds",
+        json=refund(member, store, recent["transaction_id"], "30.00"),
+        headers=pos,
+    )
+    assert r.status_code == 201
+    query = text(
+        "SELECT purchases_30d, spend_30d, purchases_365d, spend_365d FROM member_stats ms"
+        " JOIN members m ON m.id = ms.member_id WHERE m.external_id = :m"
+    )
+    incremental = session.execute(query, {"m": member}).one()
+    assert str(incremental.spend_30d) == "50.00"
+    rebuild_windows(session)
+    assert session.execute(query, {"m": member}).one() == incremental

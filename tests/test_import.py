@@ -299,8 +299,8 @@ def test_bad_transaction_rows_are_rejected_with_line_and_reason(world: World):
     assert report.rejects_path == path.with_name("tx.csv.rejects.csv")
     rejects = read_rejects(report.rejects_path)
     expected = {
-        3: "amount: must be a positive decimal with at most 2 places",
-        4: "amount: must be a positive decimal with at most 2 places",
+        3: "amount: must be a decimal with at most 2 places",
+        4: "amount: must be a decimal with at most 2 places",
         5: "occurred_at: must include a time-zone offset",
         6: "occurred_at: is not a valid date and time",
         7: f"member_id: unknown member '{world.prefix}-NOBODY'",
@@ -715,8 +715,8 @@ def test_cli_imports_and_exits_3_when_rows_were_rejected(
     result = runner.invoke(main, ["import", "transactions", str(path), "--rejects", str(rejects)])
     assert result.exit_code == 3, result.output
     assert "inserted 1" in result.output and "rejected 1" in result.output
-    assert read_rejects(rejects)[3]["reason"] == (
-        "amount: must be a positive decimal with at most 2 places"
+    assert read_rejects(rejects)[3]["reason"].startswith(
+        "amount: must be a decimal with at most 2 places"
     )
     with engine.connect() as conn:
         stored = conn.execute(
@@ -759,3 +759,43 @@ def test_engine_import_commits_and_cleans_up_its_work_tables(engine: Engine, tmp
             text("SELECT count(*) FROM pg_class WHERE relname LIKE 'patron_import_%'")
         ).scalar_one()
     assert leftovers == 0
+
+
+def test_zero_value_purchase_loads_but_zero_refund_is_rejected(world: World):
+    m1, _, _ = world.members
+    s1, _ = world.stores
+    t = world.tid
+    rows = [
+        tx(t("Z1"), m1, s1, "0.00"),  # line 2: a gift counts as a purchase
+        tx(t("Z2"), m1, s1, "0.00", kind="refund", original=t("Z1")),  # 3
+    ]
+    report = run_import(world.conn, "transactions", world.transactions("zero.csv", rows))
+    assert (report.inserted, report.rejected) == (1, 1)
+    assert read_rejects(report.rejects_path)[3]["reason"].startswith("amount:")
+    assert world.stats(m1)["purchase_count"] == 1
+
+
+def test_import_leaves_rolling_windows_equal_to_a_rebuild(world: World):
+    from datetime import UTC, timedelta
+
+    from segments.stats import rebuild_windows
+
+    m1, _, _ = world.members
+    s1, _ = world.stores
+    t = world.tid
+    recent = (datetime.now(UTC) - timedelta(days=3)).isoformat(timespec="seconds")
+    older = (datetime.now(UTC) - timedelta(days=60)).isoformat(timespec="seconds")
+    rows = [
+        tx(t("W1"), m1, s1, "10.00", occurred=recent),
+        tx(t("W2"), m1, s1, "5.00", occurred=older),
+    ]
+    assert run_import(world.conn, "transactions", world.transactions("w.csv", rows)).inserted == 2
+    cols = "purchases_30d, spend_30d, purchases_90d, spend_90d, purchases_365d, spend_365d"
+    query = text(
+        f"SELECT {cols} FROM member_stats ms JOIN members m ON m.id = ms.member_id"
+        " WHERE m.external_id = :m"
+    )
+    after_import = world.conn.execute(query, {"m": m1}).one()
+    assert after_import[0] == 1 and after_import[2] == 2
+    rebuild_windows(world.conn)
+    assert world.conn.execute(query, {"m": m1}).one() == after_import
