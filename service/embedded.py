@@ -23,7 +23,12 @@ log = logging.getLogger(__name__)
 
 def ensure_postgres(data_dir: Path) -> str:
     """Start (or reuse) the embedded PostgreSQL and return its SQLAlchemy URL."""
-    import pgserver  # imported lazily: only embedded mode needs it
+    import warnings
+
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless here.
+        warnings.simplefilter("ignore")
+        import pgserver  # imported lazily: only embedded mode needs it
 
     # pgserver logs every handle at INFO, including from an atexit hook after logging
     # streams are closed; its warnings are what operators need.
