@@ -131,15 +131,24 @@ def _prepared(statement: TextClause, dialect: Dialect) -> _Prepared:
     return found
 
 
+# A cached generic plan keeps the table sizes it was planned with: a statement prepared
+# while `transactions` was nearly empty would keep scanning it sequentially as it grows
+# (until autoanalyze invalidates the plan, which on a busy server can take long). Each
+# connection therefore re-prepares after this many executions or seconds.
+REPREPARE_AFTER_EXECUTIONS = 1000
+REPREPARE_AFTER_SECONDS = 60.0
+
+
 def execute_prepared(session: Session, statement: TextClause, params: Mapping[str, Any]) -> Any:
     """Run a hot-path `text()` statement in the session's transaction; return its first row.
 
     PostgreSQL parses and plans a statement sent as text on every call; for the purchase
-    statements that is about a third of the database's CPU per request. Here each pooled
-    connection PREPAREs the statement once (prepared statements belong to the database
-    session and survive rollbacks) and EXECUTEs it afterwards. psycopg2 binds the values
-    exactly as for `session.execute(statement, params)`, and errors are SQLAlchemy's.
-    Pass module-level statements only: they are compiled once and cached by identity.
+    statements that is over a third of the database's CPU per request. Here each pooled
+    connection PREPAREs the statement (prepared statements belong to the database session
+    and survive rollbacks), EXECUTEs it, and re-prepares it now and then so that its
+    plan follows the tables' growth. psycopg2 binds the values exactly as for
+    `session.execute(statement, params)`, and errors are SQLAlchemy's. Pass module-level
+    statements only: they are compiled once and cached by identity.
 
     Behind a transaction-pooling proxy (PgBouncer in transaction mode) server-side
     prepared statements do not work: PATRON_DB_PREPARED_STATEMENTS=0 sends plain text.
@@ -149,15 +158,22 @@ def execute_prepared(session: Session, statement: TextClause, params: Mapping[st
     if not conn.get_execution_options().get(PREPARE_OPTION, True):
         result = conn.exec_driver_sql(prepared.text, dict(params))
         return result.first() if result.returns_rows else None
-    names: set[str] = conn.connection.info.setdefault("patron_prepared", set())
-    if prepared.name not in names:
-        conn.exec_driver_sql(prepared.prepare)
-        names.add(prepared.name)
+    # name -> [monotonic time prepared, executions since]; lives as long as the connection
+    state: dict[str, list[float]] = conn.connection.info.setdefault("patron_prepared", {})
+    entry = state.get(prepared.name)
+    now = time.monotonic()
     try:
+        if entry is None:
+            conn.exec_driver_sql(prepared.prepare)
+            entry = state[prepared.name] = [now, 0]
+        elif entry[1] >= REPREPARE_AFTER_EXECUTIONS or now - entry[0] >= REPREPARE_AFTER_SECONDS:
+            conn.exec_driver_sql(f"DEALLOCATE {prepared.name}; {prepared.prepare}")
+            entry[0], entry[1] = now, 0
+        entry[1] += 1
         result = conn.exec_driver_sql(prepared.execute, dict(params))
     except DBAPIError as exc:
         if getattr(exc.orig, "pgcode", None) == "26000":  # the prepared statement is gone
-            names.discard(prepared.name)
+            state.pop(prepared.name, None)
         raise
     return result.first() if result.returns_rows else None
 

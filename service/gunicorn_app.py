@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +27,12 @@ class PatronServer(BaseApplication):
             self.cfg.set(key, value)
 
     def load(self) -> Any:
-        return self.loader()
+        app = self.loader()
+        # Everything built so far (modules, app, schemas, mappers: ~140k objects) lives
+        # as long as the worker. Freezing it keeps it out of the garbage collector's
+        # full passes, each of which would otherwise stall a request for ~0.1 s.
+        gc.freeze()
+        return app
 
 
 def server_options(host: str, port: int, workers: int, threads: int = 1) -> dict[str, Any]:

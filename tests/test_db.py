@@ -10,6 +10,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from service import db as db_module
 from service.config import Config
 from service.db import execute_prepared, make_engine
 
@@ -80,6 +81,26 @@ def test_hot_statements_are_prepared_once_per_connection(config: Config):
         with Session(pooled) as session:  # same pooled connection: not prepared again
             assert execute_prepared(session, _ADD, {"b": 1, "a": 1}).total == 2
             assert len(_prepared_names(session)) == 1
+    finally:
+        pooled.dispose()
+
+
+def test_prepared_statements_are_renewed_so_plans_follow_table_growth(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(db_module, "REPREPARE_AFTER_EXECUTIONS", 3)
+    pooled = make_engine(replace(config, db_pool_size=1))
+    try:
+        with Session(pooled) as session:
+            for a in range(7):  # prepared at 1, renewed before 4 and 7
+                assert execute_prepared(session, _ADD, {"a": a, "b": 1}).total == a + 1
+            runs = session.execute(
+                text(
+                    "SELECT generic_plans + custom_plans FROM pg_prepared_statements"
+                    " WHERE name LIKE 'patron_%'"
+                )
+            ).scalar_one()
+            assert runs == 1
     finally:
         pooled.dispose()
 
