@@ -18,8 +18,16 @@ wrk`), else from a Python client (one process per connection, persistent
 socket error makes the script exit non-zero. At the end the database is checked:
 one transaction row per answered request and member_stats counts that agree.
 
-    python -m bench.bench_purchase                        # defaults: 3 x 20 s per side
-    python -m bench.bench_purchase --duration 10 --rounds 1 --client python
+The rounds are short and many (default 20 x 3 s per side, patron and bare taking
+turns) so that whatever else the machine does falls on both sides alike. Before each
+run the script waits (up to --quiet-wait seconds) until other processes use fewer
+than --quiet-cores CPUs, and it reports, per run, the CPU time of each server (its
+gunicorn workers plus their PostgreSQL backends, per request) and the CPU used by
+everything else ("other"); rounds where both sides ran with the machine quiet are
+summarised separately.
+
+    python -m bench.bench_purchase                       # 5 s warm-up, 20 x 3 s per side
+    python -m bench.bench_purchase --rounds 4 --duration 10 --client python
 
 Results are printed and written to bench/out/bench_purchase.json.
 """
@@ -684,8 +692,8 @@ def summarize(name: str, runs: list[Run]) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--duration", type=float, default=10, help="seconds per measured run")
-    parser.add_argument("--rounds", type=int, default=6, help="alternating patron/bare rounds")
+    parser.add_argument("--duration", type=float, default=3, help="seconds per measured run")
+    parser.add_argument("--rounds", type=int, default=20, help="alternating patron/bare rounds")
     parser.add_argument("--warmup", type=float, default=5, help="seconds of warm-up per side")
     parser.add_argument("--replay", type=float, default=5, help="seconds of replays (0: skip)")
     parser.add_argument("--connections", type=int, default=4, help="concurrent clients")
@@ -702,7 +710,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quiet-wait",
         type=float,
-        default=300,
+        default=60,
         help="before each run, wait up to this many seconds for other jobs to leave the CPUs",
     )
     parser.add_argument(
