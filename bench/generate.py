@@ -41,6 +41,9 @@ from zoneinfo import ZoneInfo
 import numpy as np
 import numpy.typing as npt
 
+# The import formats are the importer's; the generator writes exactly those columns.
+from service.importer import MEMBER_FIELDS, STORE_FIELDS, TRANSACTION_FIELDS
+
 I64 = npt.NDArray[np.int64]
 F64 = npt.NDArray[np.float64]
 Bools = npt.NDArray[np.bool_]
@@ -614,38 +617,6 @@ def _member_rows(plan: Plan, lo: int, hi: int, rng: np.random.Generator) -> list
             ]
         )
     return rows
-
-
-MEMBER_FIELDS = (
-    "external_id",
-    "name",
-    "gender",
-    "birth_date",
-    "phone",
-    "email",
-    "timezone",
-    "locale",
-    "home_store",
-    "consent_email",
-    "consent_sms",
-    "consent_push",
-    "consent_wechat",
-    "tags",
-    "attributes",
-)
-TRANSACTION_FIELDS = (
-    "transaction_id",
-    "member_id",
-    "kind",
-    "original_transaction_id",
-    "amount",
-    "currency",
-    "store",
-    "channel",
-    "occurred_at",
-    "items",
-)
-STORE_FIELDS = ("code", "name", "region")
 
 
 def _members_text(rows: list[list[Any]], fmt: str) -> str:

@@ -353,47 +353,10 @@ def refresh_history(bind: Bind, since: datetime | None, timezone: str) -> int:
     return _history(bind, ids, timezone)
 
 
-_REBUILD_LIFETIME = text(
-    """
-    INSERT INTO member_stats AS ms (member_id, first_purchase_at, last_purchase_at,
-                                    purchase_count, purchase_amount, refund_count,
-                                    refund_amount, net_spend, updated_at)
-    SELECT member_id,
-           min(occurred_at) FILTER (WHERE kind = 'purchase'),
-           max(occurred_at) FILTER (WHERE kind = 'purchase'),
-           count(*) FILTER (WHERE kind = 'purchase'),
-           COALESCE(sum(amount) FILTER (WHERE kind = 'purchase'), 0),
-           count(*) FILTER (WHERE kind = 'refund'),
-           COALESCE(sum(amount) FILTER (WHERE kind = 'refund'), 0),
-           COALESCE(sum(CASE WHEN kind = 'purchase' THEN amount ELSE -amount END), 0),
-           now()
-    FROM transactions
-    GROUP BY member_id
-    ON CONFLICT (member_id) DO UPDATE SET
-        first_purchase_at = EXCLUDED.first_purchase_at,
-        last_purchase_at = EXCLUDED.last_purchase_at,
-        purchase_count = EXCLUDED.purchase_count,
-        purchase_amount = EXCLUDED.purchase_amount,
-        refund_count = EXCLUDED.refund_count,
-        refund_amount = EXCLUDED.refund_amount,
-        net_spend = EXCLUDED.net_spend
-    WHERE (ms.first_purchase_at, ms.last_purchase_at, ms.purchase_count, ms.purchase_amount,
-           ms.refund_count, ms.refund_amount, ms.net_spend)
-          IS DISTINCT FROM
-          (EXCLUDED.first_purchase_at, EXCLUDED.last_purchase_at, EXCLUDED.purchase_count,
-           EXCLUDED.purchase_amount, EXCLUDED.refund_count, EXCLUDED.refund_amount,
-           EXCLUDED.net_spend)
-    """
-)
-
-
 def rebuild_all_stats(bind: Bind, as_of: date | None = None, *, timezone: str | None = None) -> int:
     """Recompute every member_stats column from transactions (lifetime, windows, history)."""
-    bind.execute(_REBUILD_LIFETIME)
-    bind.execute(
-        text(
-            "DELETE FROM member_stats ms WHERE NOT EXISTS"
-            " (SELECT 1 FROM transactions t WHERE t.member_id = ms.member_id)"
-        )
-    )
+    # Lifetime figures come from the importer's rebuild (the one definition of them).
+    from service.importer import rebuild_member_stats
+
+    rebuild_member_stats(bind)
     return rebuild_windows(bind, as_of, timezone=timezone)

@@ -15,6 +15,7 @@ import click
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.orm import Session
 
+from service import importer
 from service.config import Config
 
 DEMO_STORE = "CDNOW-WEB"
@@ -22,15 +23,6 @@ DEMO_REGION = "Online"
 # CDNOW was a US web shop; its amounts are dollars.
 DEMO_CURRENCY = "USD"
 DEMO_TZ = "America/New_York"
-MEMBER_COLUMNS = [
-    "external_id", "name", "gender", "birth_date", "phone", "email", "timezone", "locale",
-    "home_store", "consent_email", "consent_sms", "consent_push", "consent_wechat", "tags",
-    "attributes",
-]  # fmt: skip
-TRANSACTION_COLUMNS = [
-    "transaction_id", "member_id", "kind", "original_transaction_id", "amount", "currency",
-    "store", "channel", "occurred_at", "items",
-]  # fmt: skip
 
 
 def cdnow_rows() -> list[tuple[str, date, int, str]]:
@@ -53,7 +45,7 @@ def write_demo_files(folder: Path) -> dict[str, Path]:
     with paths["stores"].open("w", newline="") as f:
         csv.writer(f).writerows([("code", "name", "region"), (DEMO_STORE, "CDNOW", DEMO_REGION)])
     with paths["members"].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=MEMBER_COLUMNS, restval="")
+        w = csv.DictWriter(f, fieldnames=importer.MEMBER_FIELDS, restval="")
         w.writeheader()
         for cid in sorted({r[0] for r in rows}):
             w.writerow(
@@ -70,7 +62,7 @@ def write_demo_files(folder: Path) -> dict[str, Path]:
                 }
             )
     with paths["transactions"].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=TRANSACTION_COLUMNS, restval="")
+        w = csv.DictWriter(f, fieldnames=importer.TRANSACTION_FIELDS, restval="")
         w.writeheader()
         for n, (cid, day, cds, value) in enumerate(rows, start=1):
             item = {"sku": "CD", "category": "music", "quantity": cds, "amount": value}
@@ -92,8 +84,6 @@ def write_demo_files(folder: Path) -> dict[str, Path]:
 
 def load(engine: Engine, echo: Any = click.echo) -> None:
     """Import the demo data set (idempotent: a second run changes nothing)."""
-    from service import importer
-
     with tempfile.TemporaryDirectory(prefix="patron-demo-") as tmp:
         paths = write_demo_files(Path(tmp))
         for kind in ("stores", "members", "transactions"):
