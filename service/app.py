@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import pkgutil
 import re
 import time
 import uuid
@@ -10,6 +12,7 @@ from typing import Any
 
 from flask import Flask, Response, g, request
 from flask_smorest import Api
+from flask_smorest import Blueprint as SmorestBlueprint
 from sqlalchemy import Engine
 
 from service import auth, db, errors, logging_setup, redis_client
@@ -55,10 +58,16 @@ def create_app(config: Config | None = None, *, engine: Engine | None = None) ->
     auth.init_app(app)
 
     api = Api(app)
-    from service.api import docs, events, health, members, rules, scores, segments, stores
+    from service import api as api_package
+    from service.api import docs
 
-    for module in (health, stores, members, events, rules, segments, scores):
-        api.register_blueprint(module.blp)
+    # Every module of service/api with a flask-smorest `blp` is an API area; adding a
+    # module is all it takes to serve (and document) it.
+    for info in sorted(pkgutil.iter_modules(api_package.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"service.api.{info.name}")
+        blp = getattr(module, "blp", None)
+        if isinstance(blp, SmorestBlueprint):
+            api.register_blueprint(blp)
     app.register_blueprint(docs.blp)
     # After flask-smorest so our problem+json handlers replace its JSON ones.
     errors.init_app(app)
