@@ -708,6 +708,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/12")
     parser.add_argument("--keep-db", action="store_true", help="reuse the seeded database")
     parser.add_argument(
+        "--campaigns",
+        type=int,
+        default=0,
+        help="active purchase-triggered campaigns (bench/bench_campaigns.py PURCHASE_CAMPAIGNS)",
+    )
+    parser.add_argument(
         "--quiet-wait",
         type=float,
         default=60,
@@ -742,6 +748,12 @@ def main(argv: list[str] | None = None) -> int:
         create_database(args.pg, args.db_name)
         subprocess.run(patron_argv("db", "upgrade"), env=env, check=True, cwd=ROOT)
         seed(db_url, args.members, args.stores)
+    if args.campaigns:
+        from bench.bench_campaigns import install_purchase_campaigns
+
+        # Ends the campaigns an earlier run left active (--keep-db), then adds these.
+        ids = install_purchase_campaigns(db_url, args.campaigns)
+        print(f"{len(ids)} active purchase campaigns (ids {ids[0]}..{ids[-1]})", flush=True)
     keys = subprocess.run(
         patron_argv("keys", "create", "--role", "pos", "--name", "bench-pos"),
         env=env,
@@ -898,6 +910,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup_s": args.warmup,
         "members": args.members,
         "stores": args.stores,
+        "campaigns": args.campaigns,
         "machine": machine_notes(),
         "ratio": round(ratio, 3),
         "median_round_ratio": round(median_ratio, 3),

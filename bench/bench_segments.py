@@ -82,11 +82,90 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f} {len(df)} {len(g)}")
 """
 
 
+def _create_segments(engine: Any, n: int) -> list[int]:
+    """The first n of the custom-segment benchmark's 20 segments (replacing any others)."""
+    from bench.bench_custom_segments import SEGMENTS
+    from segments import custom
+    from segments.models_custom import SegmentKind
+    from service.vocabulary import default_vocabulary
+
+    with Session(engine) as s, s.begin():
+        s.execute(
+            text(
+                "TRUNCATE segment_membership_changes, segment_memberships, segment_refreshes,"
+                " segment_versions, segments RESTART IDENTITY CASCADE"
+            )
+        )
+        return [
+            int(
+                custom.create_segment(
+                    s, default_vocabulary(), name, kind=SegmentKind.DYNAMIC, rule=rule, actor="b"
+                )["id"]
+            )
+            for name, rule in list(SEGMENTS.items())[:n]
+        ]
+
+
+def _a_day_of_purchases(
+    session: Session, day: date, n: int, run: int, config: ScoringConfig
+) -> None:
+    """n purchases by random members on `day`, recorded as the purchase path would.
+
+    The transactions are inserted and the members' statistics (lifetime and windows)
+    updated set-based, with updated_at = now(), so the next refresh sees a real day: those
+    members' purchase days and median gaps change, and segments may gain or lose them.
+    """
+    session.execute(
+        text(
+            """
+            WITH picked AS (
+                SELECT member_id, round((20 + random() * 280)::numeric, 2) AS amount,
+                       timezone(:tz, CAST(:day AS timestamp)) + interval '10 hours'
+                           + random() * interval '11 hours' AS at
+                FROM (SELECT DISTINCT (1 + floor(random() * (SELECT max(id) FROM members)))::bigint
+                          AS member_id FROM generate_series(1, :n)) r
+                JOIN members mb ON mb.id = r.member_id AND mb.status = 'active'
+            ), tx AS (
+                INSERT INTO transactions (external_id, kind, member_id, store_id, channel,
+                                          occurred_at, amount, currency)
+                SELECT 'BENCH-' || :day || '-' || :run || '-' || p.member_id, 'purchase',
+                       p.member_id, (SELECT min(id) FROM stores), 'pos', p.at, p.amount, 'CNY'
+                FROM picked p
+                RETURNING member_id, occurred_at, amount
+            )
+            INSERT INTO member_stats AS ms (member_id, first_purchase_at, last_purchase_at,
+                purchase_count, purchase_amount, net_spend, updated_at, purchases_30d,
+                purchases_90d, purchases_365d, spend_30d, spend_90d, spend_365d)
+            SELECT member_id, occurred_at, occurred_at, 1, amount, amount, now(), 1, 1, 1,
+                   amount, amount, amount
+            FROM tx
+            ON CONFLICT (member_id) DO UPDATE SET
+                first_purchase_at = LEAST(ms.first_purchase_at, EXCLUDED.first_purchase_at),
+                last_purchase_at = GREATEST(ms.last_purchase_at, EXCLUDED.last_purchase_at),
+                purchase_count = ms.purchase_count + 1,
+                purchase_amount = ms.purchase_amount + EXCLUDED.purchase_amount,
+                net_spend = ms.net_spend + EXCLUDED.net_spend, updated_at = now(),
+                purchases_30d = ms.purchases_30d + 1, purchases_90d = ms.purchases_90d + 1,
+                purchases_365d = ms.purchases_365d + 1,
+                spend_30d = ms.spend_30d + EXCLUDED.spend_30d,
+                spend_90d = ms.spend_90d + EXCLUDED.spend_90d,
+                spend_365d = ms.spend_365d + EXCLUDED.spend_365d
+            """
+        ),
+        {"tz": config.timezone, "day": day.isoformat(), "n": n, "run": run},
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("database_url")
     parser.add_argument("--as-of", type=date.fromisoformat, default=None)
-    parser.add_argument("--dirty", type=int, default=20_000)
+    parser.add_argument(
+        "--dirty", type=int, default=20_000, help="purchases made the day before --as-of"
+    )
+    parser.add_argument(
+        "--segments", type=int, default=20, help="dynamic custom segments refreshed daily (0-20)"
+    )
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument(
         "--csv",
@@ -124,6 +203,10 @@ def main() -> None:
         with Session(engine) as session, session.begin():
             yield session
 
+    if args.segments:
+        ids = _create_segments(engine, args.segments)
+        _log(f"{len(ids)} dynamic segments defined (bench.bench_custom_segments.SEGMENTS)")
+
     yesterday = as_of - timedelta(days=1)
     if not args.skip_rebuild:
         with unit() as session:
@@ -152,13 +235,7 @@ def main() -> None:
     runs = []
     for n in range(args.runs):
         with unit() as session:
-            session.execute(
-                text(
-                    "UPDATE member_stats SET updated_at = now() WHERE member_id IN"
-                    " (SELECT member_id FROM member_stats ORDER BY random() LIMIT :n)"
-                ),
-                {"n": args.dirty},
-            )
+            _a_day_of_purchases(session, yesterday, args.dirty, n, config)
         t = time.perf_counter()
         out = refresh.run_refresh(unit, as_of, config=config)
         seconds = time.perf_counter() - t

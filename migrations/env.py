@@ -6,6 +6,9 @@ from alembic import context
 from sqlalchemy import create_engine
 
 import campaigns.models  # noqa: F401 - registers tables on Base.metadata
+import campaigns.models_coupons  # noqa: F401
+import campaigns.models_messaging  # noqa: F401
+import campaigns.models_tiers  # noqa: F401
 import segments.models
 import segments.models_custom  # noqa: F401
 from service.models import Base

@@ -26,75 +26,93 @@ from segments.config import ScoringConfig
 
 log = logging.getLogger(__name__)
 
-_DAY = "CAST(timezone(:tz, s.{col}) AS date)"
-X_SQL = "GREATEST(s.purchase_days - 1, 0)"
-TX_SQL = (
-    f"CASE WHEN s.purchase_days > 1 THEN {_DAY.format(col='last_purchase_at')}"
-    f" - {_DAY.format(col='first_purchase_at')} ELSE 0 END"
-)
-# A purchase after the as-of date (a back-dated run) must not make T < t_x.
-T_SQL = (
-    f"GREATEST(CAST(:as_of AS date) - {_DAY.format(col='first_purchase_at')},"
-    f" {_DAY.format(col='last_purchase_at')} - {_DAY.format(col='first_purchase_at')}, 0)"
-)
-_FROM = "FROM member_stats s JOIN members mb ON mb.id = s.member_id"
-_WHERE = "WHERE mb.status = 'active' AND s.last_purchase_at IS NOT NULL"
-_SCORED = f"{_FROM} {_WHERE}"
+# Per member, once per run: the churn inputs in days, from local first / last purchase days
+# (one time zone conversion each, not one per use) and the mean spend per purchase. The
+# statements below (the distinct combinations, the spend summary, the write-back) read this
+# small table instead of recomputing the expressions over member_stats three times.
+_KEYS = """
+    CREATE TEMPORARY TABLE patron_churn_keys ON COMMIT DROP AS
+    SELECT member_id,
+           GREATEST(purchase_days - 1, 0) AS x,
+           CASE WHEN purchase_days > 1 THEN last_day - first_day ELSE 0 END AS t_x,
+           -- A purchase after the as-of date (a back-dated run) must not make T < t_x.
+           GREATEST(CAST(:as_of AS date) - first_day, last_day - first_day, 0) AS big_t,
+           GREATEST(net_spend / NULLIF(purchase_count, 0), 0) AS mean_spend,
+           -- Mean spend per purchase of members with repeat purchases, rounded to the
+           -- cent so that equal values group together (the Gamma-Gamma fit's input).
+           CASE WHEN purchase_days > 1 AND purchase_count > 0 AND net_spend > 0
+                THEN round(net_spend / purchase_count, 2) END AS fit_spend
+    FROM (
+        SELECT s.member_id, s.purchase_days, s.purchase_count, s.net_spend,
+               CAST(timezone(:tz, s.first_purchase_at) AS date) AS first_day,
+               CAST(timezone(:tz, s.last_purchase_at) AS date) AS last_day
+        FROM member_stats s JOIN members mb ON mb.id = s.member_id
+        WHERE mb.status = 'active' AND s.last_purchase_at IS NOT NULL
+    ) d
+"""
 
-_COMBOS = f"""
-    SELECT {X_SQL} AS x, {TX_SQL} AS t_x, {T_SQL} AS big_t, count(*) AS n {_SCORED}
-    GROUP BY 1, 2, 3
-"""
-# Mean spend per purchase of members with repeat purchases, rounded to the cent so that
-# equal values group together.
-_SPEND = f"""
-    SELECT {X_SQL} AS x, round(s.net_spend / s.purchase_count, 2) AS m, count(*) AS n {_SCORED}
-      AND s.purchase_days > 1 AND s.purchase_count > 0 AND s.net_spend > 0
-    GROUP BY 1, 2
-"""
+_COMBOS = "SELECT x, t_x, big_t, count(*) AS n FROM patron_churn_keys GROUP BY 1, 2, 3"
+_SPEND = (
+    "SELECT x, fit_spend AS m, count(*) AS n FROM patron_churn_keys"
+    " WHERE fit_spend IS NOT NULL GROUP BY 1, 2"
+)
 
 # Expected spend over the horizon: expected purchases x the Gamma-Gamma posterior mean
 # spend per purchase, p (v + m x) / (p x + q - 1) (= churn.expected_average_value; the
-# population mean p v / (q - 1) where x = 0).
-_WRITE = f"""
+# population mean p v / (q - 1) where x = 0). Rows already holding these values are not
+# rewritten (a re-run of a date writes nothing).
+_WRITE = """
     WITH c AS (
         SELECT * FROM unnest(CAST(:xs AS integer[]), CAST(:txs AS integer[]),
                              CAST(:ts AS integer[]), CAST(:ps AS numeric[]),
                              CAST(:es AS numeric[])) AS c(x, t_x, big_t, p_alive, expected)
     ), fresh AS (
-        SELECT s.member_id, c.p_alive, c.expected,
+        SELECT k.member_id, c.p_alive, c.expected,
                CASE WHEN :gg_ok THEN
-                    round(c.expected * CAST(:gp AS double precision)
-                          * (CAST(:gv AS double precision)
-                             + GREATEST(s.net_spend / NULLIF(s.purchase_count, 0), 0)
-                               * {X_SQL} * CAST({X_SQL} > 0 AS integer))
-                          / NULLIF(CAST(:gp AS double precision) * {X_SQL}
-                                   + CAST(:gq AS double precision) - 1, 0)
-                          )::numeric(14, 2)
+                    -- round(double precision) would round to a whole unit: cents need numeric.
+                    CAST(round(CAST(c.expected * CAST(:gp AS double precision)
+                                    * (CAST(:gv AS double precision)
+                                       + k.mean_spend * k.x * CAST(k.x > 0 AS integer))
+                                    / NULLIF(CAST(:gp AS double precision) * k.x
+                                             + CAST(:gq AS double precision) - 1, 0)
+                                    AS numeric), 2) AS numeric(14, 2))
                END AS expected_value
-        {_FROM} JOIN c ON c.x = {X_SQL} AND c.t_x = {TX_SQL} AND c.big_t = {T_SQL}
-        {_WHERE}
+        FROM patron_churn_keys k JOIN c USING (x, t_x, big_t)
     )
     UPDATE member_scores sc SET
         p_alive = f.p_alive, expected_purchases_90d = f.expected,
         expected_value = f.expected_value, as_of = :as_of
-    FROM member_scores x LEFT JOIN fresh f USING (member_id)
-    WHERE sc.member_id = x.member_id
+    FROM fresh f
+    WHERE sc.member_id = f.member_id
       AND (sc.p_alive, sc.expected_purchases_90d, sc.expected_value)
           IS DISTINCT FROM (f.p_alive, f.expected, f.expected_value)
 """
+# Members no longer scored (no purchase, erased) lose their churn scores.
+_CLEAR = """
+    UPDATE member_scores sc SET
+        p_alive = NULL, expected_purchases_90d = NULL, expected_value = NULL, as_of = :as_of
+    WHERE (sc.p_alive IS NOT NULL OR sc.expected_purchases_90d IS NOT NULL
+           OR sc.expected_value IS NOT NULL)
+      AND NOT EXISTS (SELECT 1 FROM patron_churn_keys k WHERE k.member_id = sc.member_id)
+"""
+
+
+def _prepare_keys(session: Session, as_of: date, config: ScoringConfig) -> None:
+    session.execute(text("DROP TABLE IF EXISTS pg_temp.patron_churn_keys"))
+    session.execute(text(_KEYS), {"as_of": as_of, "tz": config.timezone})
+    session.execute(text("ANALYZE patron_churn_keys"))
 
 
 def member_summary(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
     """The distinct (x, t_x, T) with member counts, as arrays."""
+    _prepare_keys(session, as_of, config)
     # Four arrays in one row: converting hundreds of thousands of result rows to Python
     # tuples costs several times what the query does.
     row = session.execute(
         text(
             "SELECT array_agg(x), array_agg(t_x), array_agg(big_t), array_agg(n)"
             f" FROM ({_COMBOS}) c"
-        ),
-        {"as_of": as_of, "tz": config.timezone},
+        )
     ).one()
     x, t_x, big_t, n = (np.asarray(v or [], dtype=np.float64) for v in row)
     return {"x": x, "t_x": t_x, "T": big_t, "n": n}
@@ -128,11 +146,11 @@ def score_churn(session: Session, as_of: date, config: ScoringConfig) -> dict[st
     gg = _fit_spend(session, as_of, config)
     result["gamma_gamma"] = gg
     gg_ok = "p" in gg and gg["q"] > 1
+    session.execute(text("SET LOCAL work_mem = '128MB'"))
     session.execute(
         text(_WRITE),
         {
             "as_of": as_of,
-            "tz": config.timezone,
             "xs": data["x"].astype(int).tolist(),
             "txs": data["t_x"].astype(int).tolist(),
             "ts": data["T"].astype(int).tolist(),
@@ -144,6 +162,8 @@ def score_churn(session: Session, as_of: date, config: ScoringConfig) -> dict[st
             "gv": gg.get("v", 1.0),
         },
     )
+    session.execute(text(_CLEAR), {"as_of": as_of})
+    session.execute(text("DROP TABLE patron_churn_keys"))
     return result
 
 
@@ -152,8 +172,7 @@ def _fit_spend(session: Session, as_of: date, config: ScoringConfig) -> dict[str
         text(
             "SELECT array_agg(x), array_agg(CAST(m AS double precision)), array_agg(n)"
             f" FROM ({_SPEND}) g"
-        ),
-        {"as_of": as_of, "tz": config.timezone},
+        )
     ).one()
     if not row[0]:
         return {"error": "no members with repeat purchases"}

@@ -100,6 +100,13 @@ def step_custom_segments(session: Session, as_of: date, config: ScoringConfig) -
     return {"segments": len(outcome) if isinstance(outcome, list) else outcome}
 
 
+def step_tiers(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """Tier review (campaigns.tiers): upgrades due, one-step downgrades at review dates."""
+    from campaigns.tiers import review_tiers
+
+    return dict(review_tiers(session, as_of))
+
+
 # The hook list: (name, step) in order. Later steps may rely on earlier ones.
 REFRESH_STEPS: list[tuple[str, Step]] = [
     ("windows", step_windows),
@@ -107,6 +114,8 @@ REFRESH_STEPS: list[tuple[str, Step]] = [
     ("rfm", step_rfm),
     ("churn", step_churn),
     ("snapshot", step_snapshot),
+    # After the windows (it reads them), before segments (rules may test the tier).
+    ("tiers", step_tiers),
     ("custom_segments", step_custom_segments),
 ]
 

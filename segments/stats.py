@@ -287,10 +287,70 @@ _HISTORY_OF_IDS = text(
 )
 
 
+# Every member at once, in one pass: purchases in (member, time) order — the order of the
+# (member_id, occurred_at) index, so no sort — give the windows and, from the gap to the
+# previous purchase's local day, the distinct purchase days (gap NULL or > 0) and the median
+# gap between consecutive purchase days (the positive gaps). Each row is written once.
+_REBUILD_ALL = text(
+    f"""
+    WITH written AS (
+    UPDATE member_stats ms SET
+        {", ".join(f"{c} = COALESCE(a.{c}, 0)" for c in _COLUMNS)},
+        purchase_days = COALESCE(a.purchase_days, 0),
+        median_interpurchase_days = a.median_interpurchase_days
+    FROM member_stats s LEFT JOIN (
+        SELECT member_id,
+               {
+        ", ".join(
+            f"count(*) FILTER (WHERE occurred_at >= :s{n}) AS purchases_{n}d" for n in WINDOWS
+        )
+    },
+               {
+        ", ".join(
+            f"COALESCE(sum(amount - refunded_amount) FILTER (WHERE occurred_at >= :s{n}), 0)"
+            f" AS spend_{n}d"
+            for n in WINDOWS
+        )
+    },
+               count(*) FILTER (WHERE gap IS NULL OR gap > 0) AS purchase_days,
+               CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY gap) FILTER (WHERE gap > 0)
+                    AS numeric(8, 1)) AS median_interpurchase_days
+        FROM (
+            SELECT member_id, occurred_at, amount, refunded_amount,
+                   {_LOCAL_DAY} - lag({_LOCAL_DAY})
+                       OVER (PARTITION BY member_id ORDER BY occurred_at) AS gap
+            FROM transactions
+            WHERE kind = 'purchase'
+        ) p
+        GROUP BY member_id
+    ) a USING (member_id)
+    WHERE ms.member_id = s.member_id
+      AND ({" OR ".join(f"ms.{c} IS DISTINCT FROM COALESCE(a.{c}, 0)" for c in _COLUMNS)}
+           OR ms.purchase_days IS DISTINCT FROM COALESCE(a.purchase_days, 0)
+           OR ms.median_interpurchase_days IS DISTINCT FROM a.median_interpurchase_days)
+    RETURNING ({" OR ".join(f"s.{c} IS DISTINCT FROM COALESCE(a.{c}, 0)" for c in _COLUMNS)})
+        AS windows_changed
+    )
+    -- Like the subset path, the count is of rows whose windows changed.
+    SELECT count(*) FILTER (WHERE windows_changed) FROM written
+    """
+)
+
+
 def _history(bind: Bind, ids: list[int] | None, timezone: str) -> int:
     statement = _HISTORY_ALL if ids is None else _HISTORY_OF_IDS
     result = bind.execute(statement, {"ids": ids, "tz": timezone})
     return int(cast(CursorResult[Any], result).rowcount)
+
+
+# Above this share of changed members one pass over all transactions beats index lookups.
+FULL_HISTORY_SHARE = 0.1
+
+
+def _stats_rows(bind: Bind) -> int:
+    # The planner's estimate is enough to choose a plan shape (and costs nothing).
+    rows = bind.scalar(text("SELECT reltuples FROM pg_class WHERE oid = 'member_stats'::regclass"))
+    return max(int(rows or 0), 0)
 
 
 def _ids(member_ids: Iterable[int] | None) -> list[int] | None:
@@ -324,13 +384,15 @@ def rebuild_windows(
     starts = window_starts(as_of, tz)
     params: dict[str, Any] = {"ids": ids, "tz": tz}
     params.update({f"s{n}": starts[n] for n in WINDOWS})
+    if ids is not None and len(ids) > FULL_HISTORY_SHARE * _stats_rows(bind) > 0:
+        # Most members (a big import): one ordered pass beats index lookups per member, and
+        # it writes only rows that differ, so the members outside the subset stay as they are.
+        ids = None
+    if ids is None:
+        return int(bind.execute(_REBUILD_ALL, params).scalar_one())
     changed = cast(CursorResult[Any], bind.execute(_REBUILD_WINDOWS, params)).rowcount
     _history(bind, ids, tz)
     return int(changed)
-
-
-# Above this share of changed members one pass over all transactions beats index lookups.
-FULL_HISTORY_SHARE = 0.1
 
 
 def refresh_history(bind: Bind, since: datetime | None, timezone: str) -> int:

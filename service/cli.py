@@ -90,6 +90,54 @@ def worker(burst: bool, queues: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.option("--once", is_flag=True, help="Dispatch what is due now, sweep once, and exit.")
+def dispatcher(once: bool) -> None:
+    """Move committed outbox messages into RQ delivery jobs; re-hand lost or stuck ones."""
+    import logging
+    import signal
+    import threading
+
+    from campaigns.channels.config import MessagingConfig, MessagingConfigError
+    from campaigns.dispatch import run_dispatcher
+    from service.logging_setup import configure
+    from service.redis_client import make_redis
+
+    config = _resolved_config()
+    configure(config.log_level, config.log_json)
+    engine = _engine(config)
+    _migrate_if_embedded(Config.from_env(), engine)
+    try:
+        messaging = MessagingConfig.from_env()
+    except MessagingConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    assert config.redis_url is not None
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    logging.getLogger(__name__).info("dispatcher started (queue %s)", messaging.queue_name)
+    totals = run_dispatcher(engine, make_redis(config.redis_url), messaging, stop=stop, once=once)
+    click.echo("dispatcher: " + ", ".join(f"{k}={v}" for k, v in totals.items()))
+
+
+@main.command("delivery-worker")
+@click.option("--burst", is_flag=True, help="Exit when the queue is empty.")
+def delivery_worker(burst: bool) -> None:
+    """Run message delivery jobs in this process (no fork per job: faster than `worker`)."""
+    from campaigns.channels.config import MessagingConfig, MessagingConfigError
+    from campaigns.dispatch import run_delivery_worker
+    from service.logging_setup import configure
+
+    config = _resolved_config()
+    configure(config.log_level, config.log_json)
+    try:
+        messaging = MessagingConfig.from_env()
+    except MessagingConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    assert config.redis_url is not None
+    run_delivery_worker(config.redis_url, messaging, burst=burst)
+
+
+@main.command()
 @click.option("--once", is_flag=True, help="Run due periodic work once and exit.")
 def scheduler(once: bool) -> None:
     """Run the periodic-job scheduler."""
@@ -228,6 +276,163 @@ def refresh(as_of: Any, steps: tuple[str, ...], rebuild: bool) -> None:
     started = time.perf_counter()
     run_refresh(unit, day, config=scoring, steps=chosen, progress=progress)
     click.echo(f"done in {time.perf_counter() - started:.1f}s")
+
+
+@main.group()
+def tiers() -> None:
+    """Loyalty tiers."""
+
+
+@tiers.command("review")
+@click.option(
+    "--as-of",
+    "as_of",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    default=None,
+    help="The review date (default: today in PATRON_TIMEZONE).",
+)
+def tiers_review(as_of: Any) -> None:
+    """Run the tier review now: upgrades due, one-step downgrades of members due for review."""
+    from sqlalchemy.orm import Session
+
+    from campaigns.tiers import review_tiers
+    from segments.config import ConfigError, ScoringConfig
+    from segments.refresh import today as refresh_today
+
+    config = _resolved_config()
+    engine = _engine(config)
+    _migrate_if_embedded(Config.from_env(), engine)
+    try:
+        day = as_of.date() if as_of else refresh_today(ScoringConfig.from_env())
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    with Session(engine) as session, session.begin():
+        counts = review_tiers(session, day)
+    click.echo(f"tier review as of {day}: " + ", ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+@main.group()
+def coupons() -> None:
+    """Coupons: bulk bearer codes."""
+
+
+@coupons.command("generate")
+@click.option("--template", "template", required=True, help="The coupon template's code.")
+@click.option("--count", required=True, type=click.IntRange(1, 10_000_000))
+@click.option("--label", default="", help="A note shown with the batch.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also write the codes (one per line, display form) to this file.",
+)
+def coupons_generate(template: str, count: int, label: str, out: Path | None) -> None:
+    """Generate COUNT bearer codes from a template in one transaction; prints the batch id."""
+    import time
+
+    from sqlalchemy.orm import Session
+
+    from campaigns import coupons as coupon_service
+    from service.errors import PatronError
+
+    config = _resolved_config()
+    engine = _engine(config)
+    _migrate_if_embedded(Config.from_env(), engine)
+    started = time.perf_counter()
+    try:
+        with Session(engine) as session, session.begin():
+            batch, _ = coupon_service.create_batch(
+                session, template, count, actor="cli", label=label
+            )
+            batch = coupon_service.fill_batch(session, batch["id"])
+    except PatronError as exc:
+        raise click.ClickException(exc.detail) from None
+    click.echo(
+        f"batch {batch['id']}: {batch['generated']} codes for {template} "
+        f"in {time.perf_counter() - started:.1f}s"
+    )
+    if out is not None:
+        _write_codes(engine, batch["id"], out)
+
+
+@coupons.command("export")
+@click.option("--batch", "batch_id", required=True, type=int)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True)
+def coupons_export(batch_id: int, out: Path) -> None:
+    """Write a batch's codes to a file (one per line, display form)."""
+    _write_codes(_engine(_resolved_config()), batch_id, out)
+
+
+def _write_codes(engine: Any, batch_id: int, out: Path) -> None:
+    from sqlalchemy.orm import Session
+
+    from campaigns import coupons as coupon_service
+    from service.errors import PatronError
+
+    n = 0
+    try:
+        with Session(engine) as session, session.begin(), out.open("w") as fh:
+            fh.write("code\n")
+            for code in coupon_service.batch_codes(session, batch_id):
+                fh.write(code + "\n")
+                n += 1
+    except PatronError as exc:
+        raise click.ClickException(exc.detail) from None
+    click.echo(f"wrote {n} codes to {out}")
+
+
+@main.group("campaigns")
+def campaigns_group() -> None:
+    """Campaign runs: the scheduler's tick, or one campaign now."""
+
+
+@campaigns_group.command("tick")
+def campaigns_tick() -> None:
+    """Run every scheduled, calendar and segment-entry campaign that is due now."""
+    from datetime import UTC, datetime
+
+    from campaigns.runs import tick
+    from segments.config import ScoringConfig
+    from service.db import Database
+
+    config = _resolved_config()
+    engine = _engine(config)
+    _migrate_if_embedded(Config.from_env(), engine)
+
+    results = tick(
+        Database(engine).unit_of_work, datetime.now(UTC), ScoringConfig.from_env().timezone
+    )
+    for r in results:
+        click.echo(
+            f"campaign {r['campaign_id']} run {r['run_key']}: {r.get('qualified')} qualified"
+        )
+    click.echo(f"{len(results)} run(s)")
+
+
+@campaigns_group.command("run")
+@click.argument("campaign_id", type=int)
+@click.option("--run-key", default=None, help="Idempotency key (default manual:<UTC date>).")
+def campaigns_run(campaign_id: int, run_key: str | None) -> None:
+    """Run one active batch campaign over its audience now (idempotent per run key)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy.orm import Session
+
+    from campaigns.runs import run_campaign
+    from service.errors import PatronError
+
+    config = _resolved_config()
+    engine = _engine(config)
+    _migrate_if_embedded(Config.from_env(), engine)
+    now = datetime.now(UTC)
+    try:
+        with Session(engine) as session, session.begin():
+            counts = run_campaign(
+                session, campaign_id, run_key=run_key or f"manual:{now.date()}", now=now
+            )
+    except (PatronError, LookupError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(", ".join(f"{k}={v}" for k, v in counts.items()))
 
 
 @main.group("embedded")

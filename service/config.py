@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,8 @@ class Config:
     queue_name: str = "default"
     # One currency per deployment: statistics and budgets add amounts together.
     currency: str = "CNY"
+    # Coupon campaigns that could cost more than this (in `currency`) need four-eyes approval.
+    approval_budget: str = "10000"
     attributes_max_keys: int = 50
     attributes_max_bytes: int = 4096
     tags_max: int = 50
@@ -69,7 +72,15 @@ class Config:
             not in ("0", "false", "no"),
             queue_name=env.get("PATRON_QUEUE", cls.queue_name),
             currency=env.get("PATRON_CURRENCY", cls.currency).upper(),
+            approval_budget=env.get("PATRON_APPROVAL_BUDGET", cls.approval_budget),
         )
+        try:
+            if Decimal(cfg.approval_budget) < 0:
+                raise InvalidOperation
+        except InvalidOperation:
+            raise ValueError(
+                f"PATRON_APPROVAL_BUDGET must be a non-negative amount, not {cfg.approval_budget!r}"
+            ) from None
         known = {f.name for f in fields(cls)}
         unknown = set(overrides) - known
         if unknown:

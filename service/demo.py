@@ -6,7 +6,8 @@ import csv
 import json
 import os
 import tempfile
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,14 @@ def cdnow_rows() -> list[tuple[str, date, int, str]]:
     return rows
 
 
+def _demo_birthday(cid: int) -> date:
+    # Spread over the year from today's date on, so a few fall within the next week.
+    start = datetime.now(UTC).date()
+    return date(1950 + cid % 50, 1, 1) + (
+        (start - date(start.year, 1, 1)) + timedelta(days=cid % 365)
+    )
+
+
 def write_demo_files(folder: Path) -> dict[str, Path]:
     """Write the CDNOW sample as Patron import files (stores, members, transactions)."""
     rows = cdnow_rows()
@@ -52,6 +61,9 @@ def write_demo_files(folder: Path) -> dict[str, Path]:
                 {
                     "external_id": f"CDNOW-{cid}",
                     "timezone": DEMO_TZ,
+                    # CDNOW has no birthdays: a fixed, made-up one per customer, so the
+                    # demo's birthday campaign has someone to greet.
+                    "birth_date": _demo_birthday(int(cid)).isoformat(),
                     "locale": "en",
                     "home_store": DEMO_STORE,
                     "consent_email": "true",
@@ -115,6 +127,164 @@ def summary(engine: Engine) -> dict[str, Any]:
         }
 
 
+def show_segments(engine: Engine, echo: Any = click.echo) -> dict[str, Any]:
+    """Score the loaded data (the day after its last purchase) and print the segment summary."""
+    from collections.abc import Iterator
+    from contextlib import contextmanager
+
+    from segments.config import ScoringConfig
+    from segments.report import refresh_and_summarise, summary_lines
+
+    @contextmanager
+    def unit() -> Iterator[Session]:
+        with Session(engine) as session, session.begin():
+            yield session
+
+    echo("\nScoring (windows, lifecycle, RFM, churn, segments)…")
+    summary = refresh_and_summarise(unit, ScoringConfig.from_env())
+    for line in summary_lines(summary):
+        echo(line)
+    return summary
+
+
+DEMO_TEMPLATES = {
+    # Templates the demo campaigns name; every channel, English and Chinese.
+    "birthday-offer": (
+        (
+            "Happy birthday from CDNOW",
+            "Happy birthday, {{ member.external_id }}! "
+            "{% if coupon %}Your gift: {{ coupon.value }} off with code {{ coupon.code }}, "
+            "valid until {{ coupon.expiry }}.{% endif %}",
+        ),
+        (
+            "生日快乐",
+            "{{ member.external_id }}，生日快乐！{% if coupon %}送您 {{ coupon.value }} "
+            "优惠券 {{ coupon.code }}，{{ coupon.expiry }} 前有效。{% endif %}",
+        ),
+    ),
+    "winback-offer": (
+        (
+            "We miss you",
+            "It has been a while, {{ member.external_id }}. {% if coupon %}"
+            "Come back with code {{ coupon.code }} ({{ coupon.value }} off).{% endif %}",
+        ),
+        (
+            "好久不见",
+            "{{ member.external_id }}，好久不见！{% if coupon %}回来看看吧，优惠码 "
+            "{{ coupon.code }}。{% endif %}",
+        ),
+    ),
+}
+
+
+def run_demo_campaigns(engine: Engine, echo: Any = click.echo) -> dict[str, Any]:
+    """A birthday and a win-back campaign on the demo data, run now; prints the decisions."""
+    echo("\nCampaigns (birthday in the next 7 days; win-back of at-risk and dormant members):")
+    with Session(engine) as s, s.begin():
+        return demo_campaigns(s, datetime.now(UTC), echo)
+
+
+def demo_campaigns(s: Session, now: datetime, echo: Any = click.echo) -> dict[str, Any]:
+    """Create (once) and run the demo campaigns in the caller's transaction."""
+    from campaigns import coupons, service
+    from campaigns.channels.config import CHANNELS
+    from campaigns.models import Campaign
+    from campaigns.ready_made import birthday_coupon, win_back
+    from campaigns.runs import run_campaign
+    from campaigns.templates import save_variant, template_exists
+
+    results: dict[str, Any] = {}
+    for name, ((en_subject, en_body), (zh_subject, zh_body)) in DEMO_TEMPLATES.items():
+        if not template_exists(s, name):
+            for channel in CHANNELS:
+                save_variant(s, name, channel, "en", subject=en_subject, body=en_body, actor="demo")
+                save_variant(
+                    s, name, channel, "zh-CN", subject=zh_subject, body=zh_body, actor="demo"
+                )
+    for code, amount in (("DEMO-BDAY-10", "10.00"), ("DEMO-WINBACK-5", "5.00")):
+        if coupons.get_template(s, code) is None:
+            coupons.create_template(
+                s,
+                {
+                    "code": code,
+                    "name": code,
+                    "kind": "amount",
+                    "amount_off": Decimal(amount),
+                    "valid_days": 30,
+                },
+                actor="demo",
+                default_timezone=DEMO_TZ,
+                currency=DEMO_CURRENCY,
+            )
+    s.flush()
+    definitions = [
+        birthday_coupon(
+            "demo-birthday",
+            coupon_template="DEMO-BDAY-10",
+            message_template="birthday-offer",
+            budget_value="2000",
+        ),
+        win_back(
+            "demo-win-back",
+            coupon_template="DEMO-WINBACK-5",
+            message_template="winback-offer",
+            budget_value="5000",
+        ),
+    ]
+    for definition in definitions:
+        row = s.scalar(select(Campaign).where(Campaign.name == definition["name"]))
+        if row is None:
+            created = service.create_campaign(
+                s, definition, actor="demo", approval_budget=Decimal(10_000)
+            )
+            service.activate(s, created["id"], actor="demo")
+            campaign_id = created["id"]
+        else:
+            campaign_id = row.id
+        counts = run_campaign(
+            s, campaign_id, run_key=f"demo:{now.date()}", now=now, trigger="schedule"
+        )
+        results[definition["name"]] = counts
+        suppressed = ", ".join(
+            f"{k.removeprefix('reason_')} {v}" for k, v in counts.items() if k.startswith("reason_")
+        )
+        echo(
+            f"  {definition['name']:<14} qualified {counts.get('qualified', 0):>5}, coupons "
+            f"{counts.get('coupons', 0):>5}, messages {counts.get('messages', 0):>5}"
+            + (f"; suppressed: {suppressed}" if suppressed else "")
+            + (" (already run today)" if counts.get("replayed") else "")
+        )
+    return results
+
+
+def deliver_demo_messages(engine: Engine, redis_url: str, echo: Any = click.echo) -> list[Any]:
+    """Deliver what the demo campaigns queued to the log channel and print a summary."""
+    from campaigns.channels.config import CHANNELS, MessagingConfig
+    from campaigns.dispatch import deliver_now, outbox_summary
+    from campaigns.templates import save_variant, template_exists
+    from service.redis_client import make_redis
+
+    with Session(engine) as s, s.begin():
+        for name, ((en_subject, en_body), (zh_subject, zh_body)) in DEMO_TEMPLATES.items():
+            if template_exists(s, name):
+                continue
+            for channel in CHANNELS:
+                save_variant(s, name, channel, "en", subject=en_subject, body=en_body, actor="demo")
+                save_variant(
+                    s, name, channel, "zh-CN", subject=zh_subject, body=zh_body, actor="demo"
+                )
+    echo("\nDelivering queued messages (log channel; contact policy applies)…")
+    totals = deliver_now(engine, make_redis(redis_url), MessagingConfig.from_env())
+    rows = outbox_summary(engine)
+    if not rows:
+        echo("  no messages were queued")
+    for row in rows:
+        reason = f" ({row['reason']})" if row["reason"] else ""
+        echo(f"  {row['status']:<10} {row['channel']:<11} {row['n']:>6}{reason}")
+    echo(f"  dispatched {totals['messages']} messages in {totals['jobs']} jobs")
+    return rows
+
+
 def run_demo(port: int = 8000, serve: bool = True) -> None:
     """Start, load, report and serve."""
     from service import embedded, migrate
@@ -122,6 +292,8 @@ def run_demo(port: int = 8000, serve: bool = True) -> None:
     from service.db import make_engine
 
     os.environ.setdefault("PATRON_CURRENCY", DEMO_CURRENCY)
+    # CDNOW's days are New York days: score them there (RFM recency, lifecycle, windows).
+    os.environ.setdefault("PATRON_TIMEZONE", DEMO_TZ)
     click.echo("Patron demo — starting PostgreSQL and Redis (embedded unless configured)…")
     config = embedded.resolve(Config.from_env())
     embedded.export_env(config)
@@ -137,6 +309,7 @@ def run_demo(port: int = 8000, serve: bool = True) -> None:
     click.echo("Top customers by net spend:")
     for ext, count, spend in facts["top"]:
         click.echo(f"  {ext:<12} {count:>3} purchases  {spend:>9} {DEMO_CURRENCY}")
+    show_segments(engine)
     with Session(engine) as s, s.begin():
         admin = create_key(s, "admin", "demo-admin")
         pos = create_key(s, "pos", "demo-pos", DEMO_STORE)
@@ -156,6 +329,9 @@ def run_demo(port: int = 8000, serve: bool = True) -> None:
         f'"channel": "ecom", "occurred_at": "2026-11-01T10:00:00-05:00"}}\' \\\n'
         f"       {base}/v1/events/purchases\n"
     )
+    run_demo_campaigns(engine)
+    assert config.redis_url is not None
+    deliver_demo_messages(engine, config.redis_url)
     engine.dispose()
     if serve:
         from service.gunicorn_app import run

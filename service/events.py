@@ -6,13 +6,16 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import or_, select, text
 from sqlalchemy.orm import Session
 
+from campaigns.hooks import after_purchase
+from campaigns.tiers import apply_purchase as apply_tier_purchase
+from segments.custom import refresh_member
 from segments.stats import (
     PURCHASE_WINDOW_COLUMNS,
     PURCHASE_WINDOW_FROM,
@@ -229,6 +232,12 @@ def record_purchase(
         if replay is not None:
             return replay
         raise _explain_missing(session, payload["member_id"], payload["store"], scope_store_id)
+    # Segment freshness: member-scoped segments this purchase can change, same transaction.
+    segment_changes = refresh_member(session, stats.member_id, datetime.now(UTC))
+    # Tiers: this purchase may cross a threshold; the upgrade is immediate.
+    tier_change = apply_tier_purchase(
+        session, stats.member_id, datetime.now(UTC), transaction_id=stats.id
+    )
     body = {
         "transaction_id": payload["transaction_id"],
         "kind": "purchase",
@@ -237,8 +246,19 @@ def record_purchase(
         "currency": payload["currency"],
         "occurred_at": payload["occurred_at"].isoformat(),
         "member": _stats_body(stats),
-        # Filled by campaigns (coupons issued, tier change) as those land.
-        "rewards": {"coupons": [], "tier_change": None},
+        # What the till prints: coupons issued, tier change, offers (campaigns/hooks.py).
+        "rewards": _jsonable(
+            after_purchase(
+                session,
+                member_id=stats.member_id,
+                transaction_id=stats.id,
+                external_id=payload["transaction_id"],
+                payload=payload,
+                now=datetime.now(UTC),
+                tier_change=tier_change,
+                entered_segments=segment_changes.entered,
+            )
+        ),
     }
     text_body = json.dumps(body)
     execute_prepared(session, _SAVE_RESPONSE, {"response": text_body, "id": stats.id})

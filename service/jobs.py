@@ -60,8 +60,16 @@ def heartbeat() -> str:
     return stamp
 
 
-# Periodic jobs: (function, seconds between runs).
-PERIODIC: list[tuple[Callable[..., Any], int]] = [(heartbeat, 60)]
+def _campaign_tick() -> Any:
+    # Imported late: campaigns import this module for the job decorator.
+    from campaigns.jobs import campaign_tick_job
+
+    return campaign_tick_job()
+
+
+# Periodic jobs: (function, seconds between runs). The campaign tick runs due scheduled,
+# calendar and segment-entry campaigns (each run is keyed, so a late tick catches up once).
+PERIODIC: list[tuple[Callable[..., Any], int]] = [(heartbeat, 60), (_campaign_tick, 60)]
 
 
 def daily_jobs() -> list[tuple[Callable[..., Any], str]]:

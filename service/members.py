@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Select, func, literal, literal_column, select, update
@@ -135,6 +136,11 @@ def upsert_member(
         external_id,
         {"fields": sorted(data)},
     )
+    if created:
+        # Sign-up campaigns (welcome coupon / message) in the same transaction.
+        from campaigns.hooks import after_signup
+
+        after_signup(session, member_id=row.id, now=datetime.now(UTC))
     return get_member(session, external_id), created
 
 
@@ -270,12 +276,20 @@ def get_profile(
         "refund_amount": 0,
         "net_spend": 0,
     }
+    from campaigns.coupons import member_coupons
+    from campaigns.insights import member_decisions
+    from campaigns.outbox import member_messages
+    from campaigns.tiers import member_tier_profile
     from segments.profile import member_scores
 
     return {
         "member": member_dict(found),
         "stats": dict(stats) if stats else empty,
         "scores": member_scores(session, found["id"]),
+        "tier": member_tier_profile(session, found["id"]),
+        "coupons": member_coupons(session, found["id"]),
+        "messages": member_messages(session, found["id"]),
+        "decisions": member_decisions(session, found["id"]),
     }
 
 

@@ -52,7 +52,7 @@ def test_purchase_updates_statistics_and_answers_the_till(
     body = resp.json
     assert body["member"]["purchase_count"] == 1
     assert body["member"]["net_spend"] == "128.50"
-    assert body["rewards"] == {"coupons": [], "tier_change": None}
+    assert body["rewards"] == {"coupons": [], "tier_change": None, "offers": []}
     stats = stats_of(session, member)
     assert stats is not None
     assert stats.purchase_count == 1 and str(stats.purchase_amount) == "128.50"

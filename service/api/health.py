@@ -41,4 +41,19 @@ class Ready(MethodView):
             current_app.logger.warning("readiness: redis unreachable: %s", type(exc).__name__)
             checks["redis"] = f"error: {type(exc).__name__}"
         ok = all(v == "ok" for v in checks.values())
-        return {"status": "ok" if ok else "unavailable", "checks": checks}, 200 if ok else 503
+        body: dict[str, Any] = {"status": "ok" if ok else "unavailable", "checks": checks}
+        if checks["redis"] == "ok":
+            # Details, not checks: a backlog or failed jobs do not make the API unready.
+            body["details"] = {"message_queue": _message_queue()}
+        return body, 200 if ok else 503
+
+
+def _message_queue() -> dict[str, Any]:
+    """Depth, running and failed delivery jobs of the RQ message queue (cheap Redis reads)."""
+    from campaigns.channels.config import MessagingConfig
+    from campaigns.dispatch import queue_metrics
+
+    try:
+        return queue_metrics(get_redis(), MessagingConfig.from_env())
+    except Exception as exc:
+        return {"error": type(exc).__name__}

@@ -229,10 +229,92 @@ class MemberScoresSchema(Schema):
     churn = fields.Nested(ChurnSchema)
 
 
+class TierChangeSchema(Schema):
+    from_tier = fields.String(allow_none=True)
+    to_tier = fields.String(allow_none=True)
+    direction = fields.String(metadata={"description": "up or down"})
+    reason = fields.String(metadata={"description": "purchase, review, campaign or manual"})
+    transaction_id = fields.Integer(allow_none=True)
+    campaign_id = fields.Integer(allow_none=True)
+    changed_at = fields.DateTime()
+
+
+class NextTierSchema(Schema):
+    name = fields.String()
+    min_spend_12m = fields.Decimal(as_string=True, allow_none=True)
+    min_purchases_12m = fields.Integer(allow_none=True)
+    spend_needed = fields.Decimal(
+        as_string=True,
+        allow_none=True,
+        metadata={"description": "More spend over the rolling 12 months that would qualify."},
+    )
+    purchases_needed = fields.Integer(
+        allow_none=True,
+        metadata={"description": "Or this many more purchases (either one is enough)."},
+    )
+
+
+class TierProfileSchema(Schema):
+    """The member's tier (campaigns/tiers.py): since, yearly review date, next tier, history."""
+
+    current = fields.String(allow_none=True)
+    rank = fields.Integer(allow_none=True)
+    since = fields.DateTime(allow_none=True)
+    review_on = fields.Date(allow_none=True)
+    spend_12m = fields.Decimal(as_string=True)
+    purchases_12m = fields.Integer()
+    qualifies_for = fields.String(allow_none=True)
+    next = fields.Nested(NextTierSchema, allow_none=True)
+    history = fields.List(fields.Nested(TierChangeSchema))
+
+
+class ProfileCouponSchema(Schema):
+    code = fields.String()
+    template = fields.String()
+    name = fields.String()
+    kind = fields.String()
+    value = fields.String()
+    face_value = fields.String()
+    status = fields.String(metadata={"description": "issued, redeemed, void or expired"})
+    valid_from = fields.String()
+    valid_until = fields.String()
+    issued_at = fields.String()
+    redeemed_at = fields.String(allow_none=True)
+    campaign_id = fields.Integer(allow_none=True)
+
+
+class ProfileMessageSchema(Schema):
+    id = fields.Integer()
+    campaign_id = fields.Integer(allow_none=True)
+    template = fields.String()
+    channel = fields.String(allow_none=True)
+    kind = fields.String()
+    status = fields.String()
+    reason = fields.String(allow_none=True)
+    not_before = fields.DateTime()
+    sent_at = fields.DateTime(allow_none=True)
+    created_at = fields.DateTime()
+
+
 class ProfileSchema(Schema):
     member = fields.Nested(MemberSchema)
     stats = fields.Nested(StatsSchema)
     scores = fields.Nested(MemberScoresSchema)
+    tier = fields.Nested(TierProfileSchema)
+    coupons = fields.List(
+        fields.Nested(ProfileCouponSchema),
+        metadata={"description": "The member's latest 50 coupons, newest first."},
+    )
+    messages = fields.List(
+        fields.Nested(ProfileMessageSchema),
+        metadata={"description": "The member's latest 20 messages with delivery status."},
+    )
+    decisions = fields.List(
+        fields.Dict(),
+        metadata={
+            "description": "The latest 10 campaign decisions (GET .../decisions has them all)."
+        },
+    )
 
 
 class ErasureSchema(BaseSchema):

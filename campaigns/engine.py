@@ -1,0 +1,904 @@
+"""The decision engine: who gets what, for one member in a request or for millions in SQL.
+
+Both paths apply the same checks in the same order, each enforced where a race could
+break it:
+
+1. not in audience, 2. condition failed (with the rule explanation),
+3. holdout (deterministic hash of campaign × member, the same in Python and SQL),
+4. cap reached (a row in campaign_grants per cap bucket: the primary key is the cap),
+5. lost to a higher-priority campaign (a row in exclusivity_claims per group bucket),
+6. no consent (message-only campaigns without a consented channel),
+7. budget exhausted (one conditional UPDATE of the campaign's counters),
+then qualified: the decision, the coupon, the tier upgrade and the outbox message are
+written in the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    Select,
+    String,
+    case,
+    cast,
+    column,
+    func,
+    literal,
+    select,
+    table,
+    text,
+)
+from sqlalchemy import insert as insert_into
+from sqlalchemy.dialects.postgresql import BIT, insert
+from sqlalchemy.orm import Session
+
+from campaigns.definition import EVENT_TRIGGERS
+from campaigns.models import Campaign, Decision, Reason, Status
+from rules import Rule, Scope, SqlContext, compile_py, compile_sql, explain, parse_rule
+from rules.compile_py import PythonPredicate
+from service.models import Member
+from service.vocabulary import default_vocabulary, load_member_facts
+
+log = logging.getLogger(__name__)
+
+CONSENT_CHANNELS = ("email", "sms", "push", "wechat")
+_members = Member.__table__
+
+
+# --- holdout and period buckets: one definition each, in Python and in SQL -------------
+
+
+def holdout_slot(campaign_id: int, member_id: int) -> int:
+    """0..9999, stable per campaign × member (first 32 bits of sha256, mod 10,000)."""
+    digest = hashlib.sha256(f"{campaign_id}:{member_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 10_000
+
+
+def in_holdout(campaign_id: int, member_id: int, percent: Decimal) -> bool:
+    return holdout_slot(campaign_id, member_id) < int(percent * 100)
+
+
+def holdout_slot_sql(campaign_id: int, member_id: ColumnElement[Any]) -> ColumnElement[Any]:
+    """`holdout_slot` in SQL, bit for bit (tested against the Python one with hypothesis)."""
+    key = func.concat(str(campaign_id), ":", member_id)
+    hexed = func.left(func.encode(func.sha256(func.convert_to(key, "UTF8")), "hex"), 8)
+    return cast(cast(func.concat("x", hexed), BIT(32)), BigInteger) % 10_000
+
+
+def bucket(period: str, zone: str | None, now: datetime, evaluation: str) -> str:
+    """The cap / exclusivity bucket of `now` in the member's time zone."""
+    if period == "evaluation":
+        return evaluation
+    if period == "lifetime":
+        return "life"
+    local = now.astimezone(ZoneInfo(zone or "UTC"))
+    if period == "year":
+        return f"{local:%Y}"
+    if period == "month":
+        return f"{local:%Y-%m}"
+    if period == "week":
+        iso = local.isocalendar()
+        return f"{iso.year}-W{iso.week:02d}"
+    return f"{local:%Y-%m-%d}"
+
+
+_SQL_FORMATS = {"year": "YYYY", "month": "YYYY-MM", "week": 'IYYY-"W"IW', "day": "YYYY-MM-DD"}
+
+
+def bucket_sql(
+    period: str, zone: ColumnElement[Any], now: datetime, evaluation: str
+) -> ColumnElement[Any]:
+    """`bucket` in SQL for a column of member time zones."""
+    if period == "evaluation":
+        return literal(evaluation, String)
+    if period == "lifetime":
+        return literal("life", String)
+    local = func.timezone(func.coalesce(zone, "UTC"), literal(now))
+    return func.to_char(local, _SQL_FORMATS[period])
+
+
+# --- compiled campaigns --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """A campaign version ready to evaluate: rules compiled, references resolved."""
+
+    id: int
+    version: int
+    name: str
+    kind: str
+    trigger: dict[str, Any]
+    priority: int
+    group: str | None
+    group_period: str
+    cap_period: str
+    holdout: Decimal
+    audience: dict[str, list[str]]
+    condition: Rule | None
+    predicate: PythonPredicate | None
+    actions: dict[str, Any]
+    valid_from: datetime | None
+    valid_until: datetime | None
+    has_budget: bool
+    face_value: Decimal
+    measure_days: int
+    # The coupon template (campaigns.coupons.Template) when the campaign issues coupons.
+    template: Any = None
+
+    def live_at(self, now: datetime) -> bool:
+        return (self.valid_from is None or self.valid_from <= now) and (
+            self.valid_until is None or now < self.valid_until
+        )
+
+    @property
+    def message_only(self) -> bool:
+        return set(self.actions) == {"message"}
+
+
+def condition_scope(definition: Mapping[str, Any]) -> Scope:
+    """Purchase-triggered conditions may read the purchase (event fields)."""
+    trigger = definition["trigger"]["type"]
+    return Scope.EVENT if trigger in ("purchase", "tier_change") else Scope.MEMBER
+
+
+def parse_condition(definition: Mapping[str, Any]) -> Rule | None:
+    source = definition.get("condition")
+    if source in (None, "", {}):
+        return None
+    return parse_rule(source, default_vocabulary(), condition_scope(definition))
+
+
+def audience_rule(audience: Mapping[str, list[str]]) -> Rule | None:
+    """The audience as a rule over the member fields (segment, home store, region)."""
+    leaves = [
+        {"field": field_name, "op": "in", "value": list(values)}
+        for key, field_name in (
+            ("segments", "segment"),
+            ("stores", "home_store"),
+            ("regions", "region"),
+        )
+        if (values := audience.get(key))
+    ]
+    if not leaves:
+        return None
+    return parse_rule({"all": leaves}, default_vocabulary(), Scope.MEMBER)
+
+
+def compile_campaign(row: Campaign, face_value: Decimal, template: Any = None) -> Compiled:
+    d = row.definition
+    rule = parse_condition(d)
+    return Compiled(
+        id=row.id,
+        version=row.version,
+        name=row.name,
+        kind=row.kind,
+        trigger=d["trigger"],
+        priority=row.priority,
+        group=row.exclusivity_group,
+        group_period=d.get("exclusivity_period", "day"),
+        cap_period=d.get("cap", {}).get("per", "evaluation"),
+        holdout=Decimal(d.get("holdout_percent", "0")),
+        audience={k: list(v) for k, v in (d.get("audience") or {}).items() if v},
+        condition=rule,
+        predicate=compile_py(rule, default_vocabulary()) if rule is not None else None,
+        actions=d["actions"],
+        valid_from=row.valid_from,
+        valid_until=row.valid_until,
+        has_budget=row.budget_coupons is not None or row.budget_value is not None,
+        face_value=face_value,
+        measure_days=int(d.get("measure_days", 30)),
+        template=template,
+    )
+
+
+def face_value_of(session: Session, actions: Mapping[str, Any]) -> Decimal:
+    """What one qualified decision costs against a value budget (the coupon's face value)."""
+    coupon = actions.get("coupon")
+    if not coupon:
+        return Decimal(0)
+    from campaigns.coupons import get_template
+
+    template = get_template(session, coupon["template"])
+    if template is None:
+        raise LookupError(f"coupon template {coupon['template']!r} does not exist")
+    return Decimal(template.face_value)
+
+
+def _compile_with_template(session: Session, row: Campaign) -> Compiled:
+    coupon = row.definition["actions"].get("coupon")
+    template = None
+    if coupon:
+        from campaigns.coupons import get_template
+
+        template = get_template(session, coupon["template"])
+    face = Decimal(template.face_value) if template is not None else Decimal(0)
+    return compile_campaign(row, face, template)
+
+
+# The change counter and the transaction that wrote it: a rolled-back change can make
+# the counter repeat, never the pair.
+_GENERATION = text("SELECT generation || ':' || xmin::text FROM campaign_state")
+
+
+def bump_generation(session: Session) -> None:
+    """Tell every process that the set of campaigns changed (called on every change)."""
+    session.execute(text("UPDATE campaign_state SET generation = generation + 1"))
+
+
+class _Cache:
+    """Active event-triggered campaigns, compiled once per generation per process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._generation: str | None = None
+        self._campaigns: tuple[Compiled, ...] = ()
+
+    def get(self, session: Session) -> tuple[Compiled, ...]:
+        generation = session.execute(_GENERATION).scalar_one()
+        if generation == self._generation:
+            return self._campaigns
+        rows = session.scalars(
+            select(Campaign)
+            .where(
+                Campaign.status == Status.ACTIVE.value,
+                Campaign.trigger_type.in_(sorted(EVENT_TRIGGERS | {"segment_entry"})),
+            )
+            .order_by(Campaign.priority.desc(), Campaign.id)
+        ).all()
+        compiled = tuple(_compile_with_template(session, r) for r in rows)
+        with self._lock:
+            self._generation, self._campaigns = generation, compiled
+        return compiled
+
+    def clear(self) -> None:
+        with self._lock:
+            self._generation, self._campaigns = None, ()
+
+
+ACTIVE = _Cache()
+
+
+# --- one member, inside a request ------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    campaign: Compiled
+    reason: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Rewards:
+    """What the member just received, for the till's receipt."""
+
+    coupons: list[dict[str, Any]] = field(default_factory=list)
+    tier_change: dict[str, Any] | None = None
+    offers: list[dict[str, Any]] = field(default_factory=list)
+
+    def merge(self, other: Rewards) -> None:
+        self.coupons += other.coupons
+        self.offers += other.offers
+        if other.tier_change is not None:
+            self.tier_change = other.tier_change
+
+
+def _in_audience(c: Compiled, facts: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    checks = (
+        ("segments", set(facts.get("segments") or ())),
+        ("stores", {facts.get("home_store")}),
+        ("regions", {facts.get("region")}),
+    )
+    for key, have in checks:
+        wanted = c.audience.get(key)
+        if wanted and not have & set(wanted):
+            return False, {
+                "audience": key,
+                "wanted": wanted,
+                "actual": sorted(x for x in have if x),
+            }
+    return True, {}
+
+
+def consented_channel(actions: Mapping[str, Any], facts: Mapping[str, Any]) -> str | None:
+    """The channel a message can go out on, or None (fallback order: the configured one first)."""
+    message = actions.get("message") or {}
+    preferred = message.get("channel")
+    if preferred and preferred not in CONSENT_CHANNELS:
+        return preferred  # webhooks, call-centre tasks and the log need no member consent
+    order = ([preferred] if preferred else []) + [c for c in CONSENT_CHANNELS if c != preferred]
+    for channel in order:
+        if facts.get(f"consent.{channel}"):
+            return channel
+    return None
+
+
+_GRANT = text(
+    "INSERT INTO campaign_grants (campaign_id, member_id, bucket, granted_at) "
+    "VALUES (:c, :m, :b, :now) ON CONFLICT DO NOTHING RETURNING 1"
+)
+_CLAIM = text(
+    "INSERT INTO exclusivity_claims (group_name, member_id, bucket, campaign_id, priority, "
+    "claimed_at) VALUES (:g, :m, :b, :c, :p, :now) ON CONFLICT DO NOTHING RETURNING 1"
+)
+_CLAIMED_BY = text(
+    "SELECT c.name FROM exclusivity_claims x JOIN campaigns c ON c.id = x.campaign_id "
+    "WHERE x.group_name = :g AND x.member_id = :m AND x.bucket = :b"
+)
+_SPEND_BUDGET = text(
+    """
+    UPDATE campaigns SET issued_coupons = issued_coupons + :n, issued_value = issued_value + :v
+    WHERE id = :c
+      AND (budget_coupons IS NULL OR issued_coupons + :n <= budget_coupons)
+      AND (budget_value IS NULL OR issued_value + :v <= budget_value)
+    RETURNING 1
+    """
+)
+
+
+def _reserve(
+    session: Session, c: Compiled, member_id: int, zone: str | None, now: datetime, period: str
+) -> tuple[str | None, dict[str, Any]]:
+    """Cap, exclusivity and budget, each by one statement, all undone together on failure."""
+    with session.begin_nested() as savepoint:
+        cap_bucket = bucket(c.cap_period, zone, now, period)
+        if (
+            session.execute(
+                _GRANT, {"c": c.id, "m": member_id, "b": cap_bucket, "now": now}
+            ).first()
+            is None
+        ):
+            savepoint.rollback()
+            return Reason.CAP_REACHED.value, {"cap": c.cap_period, "bucket": cap_bucket}
+        if c.group is not None:
+            group_bucket = bucket(c.group_period, zone, now, period)
+            params = {"g": c.group, "m": member_id, "b": group_bucket}
+            if (
+                session.execute(_CLAIM, {**params, "c": c.id, "p": c.priority, "now": now}).first()
+                is None
+            ):
+                winner = session.execute(_CLAIMED_BY, params).scalar()
+                savepoint.rollback()
+                return Reason.LOST_TO_HIGHER_PRIORITY.value, {
+                    "group": c.group,
+                    "bucket": group_bucket,
+                    "won_by": winner,
+                }
+        if c.has_budget:
+            coupons = 1 if "coupon" in c.actions else 0
+            spent = session.execute(
+                _SPEND_BUDGET, {"c": c.id, "n": coupons, "v": c.face_value if coupons else 0}
+            ).first()
+            if spent is None:
+                savepoint.rollback()
+                return Reason.BUDGET_EXHAUSTED.value, {}
+    return None, {}
+
+
+def _spend_unbudgeted(session: Session, c: Compiled) -> None:
+    # Counters are kept for every campaign (the report reads them); without a budget
+    # the update cannot fail.
+    if "coupon" in c.actions and not c.has_budget:
+        session.execute(_SPEND_BUDGET, {"c": c.id, "n": 1, "v": c.face_value})
+
+
+def evaluate_member(
+    session: Session,
+    member_id: int,
+    *,
+    trigger: str,
+    now: datetime,
+    period: str,
+    event: Mapping[str, Any] | None = None,
+    transaction_id: int | None = None,
+    matches: Any = None,
+) -> Rewards:
+    """Evaluate the active campaigns with this trigger for one member; write the decisions.
+
+    `period` names the evaluation (``txn:<id>``, ``signup``, ...); `matches`, when given,
+    filters campaigns further (e.g. the tier reached, the segments entered).
+    """
+    rewards = Rewards()
+    campaigns = [
+        c
+        for c in ACTIVE.get(session)
+        if c.trigger["type"] == trigger and c.live_at(now) and (matches is None or matches(c))
+    ]
+    if not campaigns:
+        return rewards
+    facts = load_member_facts(session, [member_id]).get(member_id)
+    if facts is None:
+        return rewards
+    zone = facts.get("timezone")
+    vocab = default_vocabulary()
+    outcomes: list[Outcome] = []
+    for c in campaigns:  # already in priority order: higher priority claims first
+        ok, detail = _in_audience(c, facts)
+        if not ok:
+            outcomes.append(Outcome(c, Reason.NOT_IN_AUDIENCE.value, detail))
+            continue
+        failed = c.predicate is not None and not c.predicate(facts, event, now=now)
+        if failed and c.condition is not None:
+            why = explain(c.condition, vocab, facts, event, now=now).to_json()
+            outcomes.append(Outcome(c, Reason.CONDITION_FAILED.value, {"explanation": why}))
+            continue
+        if c.holdout and in_holdout(c.id, member_id, c.holdout):
+            outcomes.append(Outcome(c, Reason.HOLDOUT.value, {"holdout_percent": str(c.holdout)}))
+            continue
+        if c.template is not None:
+            from campaigns.coupons import issuable
+
+            unavailable = issuable(c.template, now)
+            if unavailable is not None:
+                outcomes.append(Outcome(c, Reason.OFFER_UNAVAILABLE.value, {"coupon": unavailable}))
+                continue
+        channel = consented_channel(c.actions, facts) if "message" in c.actions else None
+        if c.message_only and channel is None:
+            outcomes.append(
+                Outcome(c, Reason.NO_CONSENT.value, {"channels": list(CONSENT_CHANNELS)})
+            )
+            continue
+        reason, detail = _reserve(session, c, member_id, zone, now, period)
+        if reason is None:
+            _spend_unbudgeted(session, c)
+            detail = {"channel": channel} if channel else {}
+        outcomes.append(Outcome(c, reason, detail))
+    decision_ids = _write_decisions(
+        session, member_id, outcomes, trigger, period, now, transaction_id
+    )
+    for o in outcomes:
+        if o.reason is None and o.campaign.id in decision_ids:
+            _act(session, o, member_id, decision_ids[o.campaign.id], now, rewards)
+    return rewards
+
+
+def _write_decisions(
+    session: Session,
+    member_id: int,
+    outcomes: list[Outcome],
+    trigger: str,
+    period: str,
+    now: datetime,
+    transaction_id: int | None,
+) -> dict[int, int]:
+    rows = [
+        {
+            "campaign_id": o.campaign.id,
+            "campaign_version": o.campaign.version,
+            "member_id": member_id,
+            "period": period,
+            "trigger": trigger,
+            "outcome": "qualified" if o.reason is None else "suppressed",
+            "reason": o.reason,
+            "rule_hash": o.campaign.condition.hash if o.campaign.condition else None,
+            "detail": o.detail or None,
+            "transaction_id": transaction_id,
+            "decided_at": now,
+        }
+        for o in outcomes
+    ]
+    stmt = (
+        insert(Decision)
+        .values(rows)
+        .on_conflict_do_nothing(constraint="uq_decisions_evaluation")
+        .returning(Decision.campaign_id, Decision.id)
+    )
+    return {cid: did for cid, did in session.execute(stmt).all()}
+
+
+def _act(
+    session: Session, o: Outcome, member_id: int, decision_id: int, now: datetime, rewards: Rewards
+) -> None:
+    c = o.campaign
+    coupon_id: int | None = None
+    coupon: dict[str, Any] | None = None
+    if "coupon" in c.actions:
+        from campaigns.coupons import issue_coupon
+
+        coupon = issue_coupon(
+            session,
+            template_code=c.actions["coupon"]["template"],
+            member_id=member_id,
+            campaign_id=c.id,
+            decision_id=decision_id,
+            issued_at=now,
+        )
+        coupon_id = session.execute(
+            text("SELECT id FROM coupons WHERE decision_id = :d"), {"d": decision_id}
+        ).scalar()
+        rewards.coupons.append(
+            {k: v for k, v in coupon.items() if k != "id"} | {"campaign": c.name}
+        )
+    if "tier" in c.actions:
+        from campaigns.tiers import upgrade_tier
+
+        change = upgrade_tier(
+            session,
+            member_id,
+            c.actions["tier"]["to"],
+            reason="campaign",
+            actor=f"campaign:{c.name}",
+            campaign_id=c.id,
+        )
+        if change is not None:
+            rewards.tier_change = change
+    if "message" in c.actions:
+        from campaigns.outbox import queue_message
+
+        message = c.actions["message"]
+        queue_message(
+            session,
+            member_id=member_id,
+            template=message["template"],
+            channel=o.detail.get("channel") or message.get("channel"),
+            kind=message.get("kind", "marketing"),
+            campaign_id=c.id,
+            decision_id=decision_id,
+            coupon_id=coupon_id,
+            not_after=_expiry(coupon),
+        )
+    rewards.offers.append({"campaign": c.name, "kind": c.kind})
+
+
+def _expiry(coupon: Mapping[str, Any] | None) -> datetime | None:
+    if coupon is None or coupon.get("valid_until") is None:
+        return None
+    value = coupon["valid_until"]
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
+# --- millions of members, set-based -----------------------------------------------------
+
+
+def _predicate_sql(rule: Rule | None, ctx: SqlContext) -> ColumnElement[bool] | None:
+    if rule is None:
+        return None
+    return compile_sql(rule, default_vocabulary(), ctx.now_value, ctx).expr
+
+
+def candidates(
+    c: Compiled,
+    now: datetime,
+    period: str,
+    *,
+    members: Select[Any] | None = None,
+) -> Select[Any]:
+    """SELECT member_id, cond_ok, in_holdout, cap_bucket, group_bucket, channel, reason.
+
+    Every audience member (optionally restricted to `members`, a Select of ids) with the
+    reason the set-based checks give: condition, holdout, an existing grant (cap), a
+    claim of the group by another campaign, consent. Budget is applied afterwards.
+    """
+    vocab = default_vocabulary()
+    ctx = SqlContext(now)
+    audience = audience_rule(c.audience)
+    audience_where = compile_sql(audience, vocab, now, ctx).where if audience is not None else None
+    if c.condition is not None and c.condition.scope is not Scope.MEMBER:
+        raise ValueError("event conditions are evaluated per purchase, not in batch")
+    cond = _predicate_sql(c.condition, ctx)
+    source = vocab.source(Scope.MEMBER)
+    assert source is not None
+    m = _members.c
+    cap_bucket = bucket_sql(c.cap_period, m.timezone, now, period)
+    group_bucket = (
+        bucket_sql(c.group_period, m.timezone, now, period) if c.group else literal(None, String)
+    )
+    holdout = holdout_slot_sql(c.id, m.id) < int(c.holdout * 100) if c.holdout else literal(False)
+    from campaigns.models import CampaignGrant, ExclusivityClaim
+
+    g = CampaignGrant.__table__.c
+    x = ExclusivityClaim.__table__.c
+    has_grant = (
+        select(literal(1))
+        .where(g.campaign_id == c.id, g.member_id == m.id, g.bucket == cap_bucket)
+        .exists()
+    )
+    claimed = (
+        select(literal(1))
+        .where(
+            x.group_name == c.group,
+            x.member_id == m.id,
+            x.bucket == group_bucket,
+            x.campaign_id != c.id,
+        )
+        .exists()
+        if c.group
+        else literal(False)
+    )
+    channel = _channel_sql(c)
+    whens: list[tuple[ColumnElement[bool], str]] = []
+    if cond is not None:
+        whens.append((~cond, Reason.CONDITION_FAILED.value))
+    whens += [(holdout, Reason.HOLDOUT.value), (has_grant, Reason.CAP_REACHED.value)]
+    if c.group:
+        whens.append((claimed, Reason.LOST_TO_HIGHER_PRIORITY.value))
+    if c.message_only:
+        whens.append((channel.is_(None), Reason.NO_CONSENT.value))
+    reason = case(*whens, else_=literal(None, String))
+    stmt = select(
+        m.id.label("member_id"),
+        cap_bucket.label("cap_bucket"),
+        group_bucket.label("group_bucket"),
+        channel.label("channel"),
+        reason.label("reason"),
+    ).select_from(_with_outer_joins(source.from_clause(ctx.joins), ctx))
+    scope_filter = source.where()
+    if scope_filter is not None:
+        stmt = stmt.where(scope_filter)
+    if audience_where is not None:
+        stmt = stmt.where(audience_where)
+    if members is not None:
+        stmt = stmt.where(m.id.in_(members))
+    return stmt
+
+
+def _with_outer_joins(source: Any, ctx: SqlContext) -> Any:
+    # Tables the rules asked the context to LEFT JOIN (e.g. today's date per time zone).
+    for joined, onclause in ctx.outer_joins:
+        source = source.outerjoin(joined, onclause)
+    return source
+
+
+def _channel_sql(c: Compiled) -> ColumnElement[Any]:
+    message = c.actions.get("message")
+    if not message:
+        return literal(None, String)
+    preferred = message.get("channel")
+    if preferred and preferred not in CONSENT_CHANNELS:
+        return literal(preferred, String)
+    order = ([preferred] if preferred else []) + [ch for ch in CONSENT_CHANNELS if ch != preferred]
+    return case(
+        *((_members.c[f"consent_{ch}"], literal(ch, String)) for ch in order),
+        else_=literal(None, String),
+    )
+
+
+_BATCH_TEMP = "campaign_batch"
+_CANDIDATE_COLUMNS = ("member_id", "cap_bucket", "group_bucket", "channel", "reason")
+
+
+def run_batch(
+    session: Session,
+    c: Compiled,
+    *,
+    now: datetime,
+    period: str,
+    trigger: str,
+    members: Select[Any] | None = None,
+) -> dict[str, int]:
+    """Evaluate a campaign over its audience and write everything set-based.
+
+    One temporary table of candidates, then one statement each for grants, claims,
+    the budget and the writes (decisions → coupons → outbox → tiers chained by CTEs).
+    The campaign row is locked only for the budget step and the writes, so an event
+    trigger competing for the last coupons waits for the batch and then finds the
+    counters already spent: the budget holds exactly.
+    """
+    session.execute(text(f"DROP TABLE IF EXISTS {_BATCH_TEMP}"))
+    session.execute(
+        text(
+            f"CREATE TEMP TABLE {_BATCH_TEMP} (member_id bigint PRIMARY KEY, cap_bucket text, "
+            "group_bucket text, channel text, reason text, decision_id bigint, coupon_id bigint) "
+            "ON COMMIT DROP"
+        )
+    )
+    cand = candidates(c, now, period, members=members)
+    target = table(_BATCH_TEMP, *(column(n) for n in _CANDIDATE_COLUMNS))
+    session.execute(insert_into(target).from_select(list(_CANDIDATE_COLUMNS), cand))
+    params: dict[str, Any] = {"cid": c.id, "now": now, "prio": c.priority, "grp": c.group}
+    # Cap: a grant per eligible member; a conflict means the cap was reached meanwhile.
+    session.execute(
+        text(
+            f"""
+            WITH g AS (
+                INSERT INTO campaign_grants (campaign_id, member_id, bucket, granted_at)
+                SELECT :cid, member_id, cap_bucket, :now FROM {_BATCH_TEMP} WHERE reason IS NULL
+                ON CONFLICT DO NOTHING RETURNING member_id
+            )
+            UPDATE {_BATCH_TEMP} t SET reason = 'cap_reached'
+            WHERE t.reason IS NULL AND NOT EXISTS (SELECT 1 FROM g WHERE g.member_id = t.member_id)
+            """  # noqa: S608 - fixed temp table name
+        ),
+        params,
+    )
+    if c.group:
+        session.execute(
+            text(
+                f"""
+                WITH x AS (
+                    INSERT INTO exclusivity_claims (group_name, member_id, bucket, campaign_id,
+                                                    priority, claimed_at)
+                    SELECT :grp, member_id, group_bucket, :cid, :prio, :now
+                    FROM {_BATCH_TEMP} WHERE reason IS NULL
+                    ON CONFLICT DO NOTHING RETURNING member_id
+                ), lost AS (
+                    UPDATE {_BATCH_TEMP} t SET reason = 'lost_to_higher_priority'
+                    WHERE t.reason IS NULL
+                      AND NOT EXISTS (SELECT 1 FROM x WHERE x.member_id = t.member_id)
+                    RETURNING t.member_id, t.cap_bucket
+                )
+                DELETE FROM campaign_grants g USING lost
+                WHERE g.campaign_id = :cid AND g.member_id = lost.member_id
+                  AND g.bucket = lost.cap_bucket
+                """  # noqa: S608
+            ),
+            params,
+        )
+    eligible = session.execute(
+        text(f"SELECT count(*) FROM {_BATCH_TEMP} WHERE reason IS NULL")  # noqa: S608
+    ).scalar_one()
+    coupons = "coupon" in c.actions
+    row = session.execute(
+        text(
+            "SELECT budget_coupons, budget_value, issued_coupons, issued_value "
+            "FROM campaigns WHERE id = :cid FOR UPDATE"
+        ),
+        params,
+    ).one()
+    allowed = eligible
+    if coupons and row.budget_coupons is not None:
+        allowed = min(allowed, row.budget_coupons - row.issued_coupons)
+    if coupons and row.budget_value is not None and c.face_value > 0:
+        allowed = min(allowed, int((row.budget_value - row.issued_value) // c.face_value))
+    allowed = max(allowed, 0)
+    if allowed < eligible:
+        # Members beyond the budget, in a stable order, lose their grant and claim.
+        session.execute(
+            text(
+                f"""
+                WITH over AS (
+                    SELECT member_id, cap_bucket, group_bucket FROM {_BATCH_TEMP}
+                    WHERE reason IS NULL ORDER BY member_id OFFSET :allowed
+                ), marked AS (
+                    UPDATE {_BATCH_TEMP} t SET reason = 'budget_exhausted'
+                    FROM over WHERE t.member_id = over.member_id RETURNING t.member_id
+                ), ungrant AS (
+                    DELETE FROM campaign_grants g USING over
+                    WHERE g.campaign_id = :cid AND g.member_id = over.member_id
+                      AND g.bucket = over.cap_bucket
+                )
+                DELETE FROM exclusivity_claims x USING over
+                WHERE x.campaign_id = :cid AND x.group_name = :grp
+                  AND x.member_id = over.member_id AND x.bucket = over.group_bucket
+                """  # noqa: S608
+            ),
+            {**params, "allowed": allowed},
+        )
+    counts = _write_batch(session, c, now=now, period=period, trigger=trigger)
+    if coupons:
+        session.execute(
+            _SPEND_BUDGET,
+            {"c": c.id, "n": counts["coupons"], "v": c.face_value * counts["coupons"]},
+        )
+    if "tier" in c.actions:
+        from campaigns.tiers import upgrade_tier_sql
+
+        batch = table(_BATCH_TEMP, column("member_id"), column("decision_id"))
+        qualified = select(batch.c.member_id).where(batch.c.decision_id.is_not(None))
+        counts["tier_upgrades"] = upgrade_tier_sql(
+            session, qualified, c.actions["tier"]["to"], c.id, now
+        )
+    counts["eligible"] = int(eligible)
+    counts["budget_allowed"] = int(allowed)
+    return counts
+
+
+def _write_batch(
+    session: Session, c: Compiled, *, now: datetime, period: str, trigger: str
+) -> dict[str, int]:
+    """Decisions, then coupons and outbox rows for the qualified ones, in one statement."""
+    parts = [
+        f"""
+        d AS (
+            INSERT INTO decisions (campaign_id, campaign_version, member_id, period, trigger,
+                                   outcome, reason, rule_hash, detail, decided_at)
+            SELECT :cid, :ver, member_id, :period, :trigger,
+                   CASE WHEN reason IS NULL THEN 'qualified' ELSE 'suppressed' END,
+                   reason, :rule_hash,
+                   CASE WHEN channel IS NOT NULL THEN jsonb_build_object('channel', channel) END,
+                   :now
+            FROM {_BATCH_TEMP}
+            ON CONFLICT ON CONSTRAINT uq_decisions_evaluation DO NOTHING
+            RETURNING id, member_id, outcome
+        )"""  # noqa: S608
+    ]
+    params: dict[str, Any] = {
+        "cid": c.id,
+        "ver": c.version,
+        "period": period,
+        "trigger": trigger,
+        "rule_hash": c.condition.hash if c.condition else None,
+        "now": now,
+    }
+    if "coupon" in c.actions:
+        from campaigns.coupons import get_template, validity
+
+        template = get_template(session, c.actions["coupon"]["template"])
+        if template is None:
+            raise LookupError(f"coupon template {c.actions['coupon']['template']!r} does not exist")
+        valid_from, valid_until = validity(template, now)
+        parts.append(
+            """
+        c AS (
+            INSERT INTO coupons (code, template_id, member_id, campaign_id, decision_id,
+                                 face_value, valid_from, valid_until, issued_at)
+            SELECT patron_coupon_code(), :tid, d.member_id, :cid, d.id, :fv, :vf, :vu, :now
+            FROM d WHERE d.outcome = 'qualified'
+            ON CONFLICT DO NOTHING
+            RETURNING id, decision_id
+        )"""
+        )
+        params |= {"tid": template.id, "fv": c.face_value, "vf": valid_from, "vu": valid_until}
+    else:
+        parts.append("c AS (SELECT NULL::bigint AS id, NULL::bigint AS decision_id WHERE false)")
+        valid_until = None
+    message = c.actions.get("message")
+    if message:
+        parts.append(
+            f"""
+        o AS (
+            INSERT INTO outbox_messages (member_id, campaign_id, decision_id, coupon_id, template,
+                                         channel, kind, not_after)
+            SELECT d.member_id, :cid, d.id, c.id, :tmpl, t.channel, :mkind, :not_after
+            FROM d JOIN {_BATCH_TEMP} t ON t.member_id = d.member_id
+            LEFT JOIN c ON c.decision_id = d.id
+            WHERE d.outcome = 'qualified'
+            ON CONFLICT DO NOTHING
+            RETURNING 1
+        )"""  # noqa: S608
+        )
+        params |= {
+            "tmpl": message["template"],
+            "mkind": message.get("kind", "marketing"),
+            "not_after": valid_until,
+        }
+    else:
+        parts.append("o AS (SELECT 1 WHERE false)")
+    parts.append(
+        f"""
+        marked AS (
+            UPDATE {_BATCH_TEMP} t SET decision_id = d.id, coupon_id = c.id
+            FROM d LEFT JOIN c ON c.decision_id = d.id
+            WHERE t.member_id = d.member_id AND d.outcome = 'qualified'
+            RETURNING 1
+        )"""  # noqa: S608
+    )
+    sql = (
+        "WITH "  # noqa: S608 - fixed CTE text; values are bound parameters
+        + ",".join(parts)
+        + """
+        SELECT (SELECT count(*) FROM d) AS decisions,
+               (SELECT count(*) FROM d WHERE outcome = 'qualified') AS qualified,
+               (SELECT count(*) FROM c) AS coupons,
+               (SELECT count(*) FROM o) AS messages,
+               (SELECT count(*) FROM marked) AS marked
+        """
+    )
+    row = session.execute(text(sql), params).one()
+    by_reason: dict[str, int] = dict(
+        session.execute(
+            text(
+                f"SELECT coalesce(reason, 'qualified'), count(*) FROM {_BATCH_TEMP} "  # noqa: S608
+                "GROUP BY 1"
+            )
+        ).all()
+    )
+    return {
+        "decisions": row.decisions,
+        "qualified": row.qualified,
+        "coupons": row.coupons,
+        "messages": row.messages,
+        **{f"reason_{k}": v for k, v in by_reason.items() if k != "qualified"},
+    }
