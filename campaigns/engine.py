@@ -431,7 +431,7 @@ def evaluate_member(
             continue
         failed = c.predicate is not None and not c.predicate(facts, event, now=now)
         if failed and c.condition is not None:
-            why = explain(c.condition, vocab, facts, event, now=now).to_json()
+            why = compact_explanation(explain(c.condition, vocab, facts, event, now=now))
             outcomes.append(Outcome(c, Reason.CONDITION_FAILED.value, {"explanation": why}))
             continue
         if c.holdout and in_holdout(c.id, member_id, c.holdout):
@@ -462,6 +462,19 @@ def evaluate_member(
         if o.reason is None and o.campaign.id in decision_ids:
             _act(session, o, member_id, decision_ids[o.campaign.id], now, rewards)
     return rewards
+
+
+def compact_explanation(explanation: Any) -> dict[str, Any]:
+    """What a decision keeps of an explanation: every condition with its value, one line
+    each, and the ones that decided (the full trace is rebuilt on demand by the rules API)."""
+    full = explanation.to_json()
+    return {
+        "outcome": full["outcome"],
+        "rule_text": full["rule_text"],
+        "decided_by": full["decided_by"],
+        "conditions": explanation.lines(),
+        "evaluated_at": full["evaluated_at"],
+    }
 
 
 def _write_decisions(

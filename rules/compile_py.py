@@ -16,6 +16,7 @@ except `is not set`; `not` is plain negation. See docs/rules.md.
 from __future__ import annotations
 
 import itertools
+import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -188,8 +189,34 @@ class LeafProbe:
     read: Callable[..., Any]
 
 
+# Compiled leaf factories per vocabulary, by (rule hash, scope): explaining a rule on the
+# hot path (a campaign's condition failing at the till) must not compile Python each
+# time. Vocabularies are filled before rules are compiled against them.
+_LEAF_FACTORIES: weakref.WeakKeyDictionary[Vocabulary, dict[tuple[str, str], Any]] = (
+    weakref.WeakKeyDictionary()
+)
+_LEAF_CACHE_SIZE = 512
+
+
 def compile_leaves(rule: Rule, vocab: Vocabulary, now: datetime) -> list[LeafProbe]:
     """Each leaf as its own function, from the same templates the predicate is made of."""
+    found = leaves(rule.root)
+    cache = _LEAF_FACTORIES.setdefault(vocab, {})
+    key = (rule.hash, rule.scope.value)
+    factory = cache.get(key)
+    if factory is None:
+        factory = _leaf_factory(rule, vocab)
+        if len(cache) >= _LEAF_CACHE_SIZE:
+            cache.clear()
+        cache[key] = factory
+    made = factory(calendar.utc_instant(now))
+    return [
+        LeafProbe(pointer, leaf, made[2 * i], made[2 * i + 1])
+        for i, (pointer, leaf) in enumerate(found)
+    ]
+
+
+def _leaf_factory(rule: Rule, vocab: Vocabulary) -> Any:
     builder = _Builder(vocab)
     found = leaves(rule.root)
     body: list[str] = []
@@ -202,8 +229,4 @@ def compile_leaves(rule: Rule, vocab: Vocabulary, now: datetime) -> list[LeafPro
         body += [f"def _read{i}(m, e={empty}):", f"    return {read}"]
         names += [f"_leaf{i}", f"_read{i}"]
     factory, _ = _exec(builder, body, "(" + "".join(n + ", " for n in names) + ")", "leaves")
-    made = factory(calendar.utc_instant(now))
-    return [
-        LeafProbe(pointer, leaf, made[2 * i], made[2 * i + 1])
-        for i, (pointer, leaf) in enumerate(found)
-    ]
+    return factory

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 
 from campaigns.hooks import after_purchase
 from campaigns.tiers import apply_purchase as apply_tier_purchase
-from segments.custom import refresh_member
+from segments.custom import purchase_fields, refresh_member
 from segments.stats import (
     PURCHASE_WINDOW_COLUMNS,
     PURCHASE_WINDOW_FROM,
@@ -27,6 +27,7 @@ from segments.stats import (
 from service.db import execute_prepared
 from service.errors import Conflict, ValidationFailed
 from service.models import Member, MemberStatus, Store, Transaction
+from service.vocabulary import default_vocabulary
 
 
 @dataclass(frozen=True)
@@ -232,12 +233,15 @@ def record_purchase(
         if replay is not None:
             return replay
         raise _explain_missing(session, payload["member_id"], payload["store"], scope_store_id)
+    now = datetime.now(UTC)
+    # Tiers first: this purchase may cross a threshold; the upgrade is immediate, and
+    # segments or campaigns reading the tier below see the new one.
+    tier_change = apply_tier_purchase(session, stats.member_id, now, transaction_id=stats.id)
     # Segment freshness: member-scoped segments this purchase can change, same transaction.
-    segment_changes = refresh_member(session, stats.member_id, datetime.now(UTC))
-    # Tiers: this purchase may cross a threshold; the upgrade is immediate.
-    tier_change = apply_tier_purchase(
-        session, stats.member_id, datetime.now(UTC), transaction_id=stats.id
-    )
+    changed = None
+    if tier_change is not None:
+        changed = purchase_fields(default_vocabulary()) | {"tier"}
+    segment_changes = refresh_member(session, stats.member_id, now, changed)
     body = {
         "transaction_id": payload["transaction_id"],
         "kind": "purchase",
@@ -254,7 +258,7 @@ def record_purchase(
                 transaction_id=stats.id,
                 external_id=payload["transaction_id"],
                 payload=payload,
-                now=datetime.now(UTC),
+                now=now,
                 tier_change=tier_change,
                 entered_segments=segment_changes.entered,
             )

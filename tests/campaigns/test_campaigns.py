@@ -501,3 +501,66 @@ def test_birthday_campaign_29_february_in_member_timezone(
     )
     assert later["qualified"] == 0 and later["reason_cap_reached"] == 1
     assert _member_id(session, leap) > 0
+
+
+def test_replayed_purchase_returns_the_same_coupon_and_issues_nothing(
+    client: FlaskClient, marketer: dict[str, str], pos: dict[str, str], session: Session, store: str
+) -> None:
+    c = create(
+        client,
+        marketer,
+        actions={"coupon": {"template": coupon_template(session)}},
+        **PURCHASE_COUPON,
+    )
+    activate(client, marketer, c["id"])
+    m = member(client, marketer, store)
+    payload = purchase_payload(m, store, amount="300.00")
+    first = client.post("/v1/events/purchases", json=payload, headers=pos)
+    second = client.post("/v1/events/purchases", json=payload, headers=pos)
+    assert second.headers.get("Idempotent-Replayed") == "true"
+    assert second.data == first.data  # the same code printed again, byte for byte
+    issued = session.execute(
+        text("SELECT count(*) FROM coupons WHERE campaign_id = :c"), {"c": c["id"]}
+    ).scalar()
+    assert issued == 1 and len(decisions(client, marketer, m)) == 1
+
+
+def test_tier_action_upgrades_in_a_purchase_and_in_a_batch(
+    client: FlaskClient, marketer: dict[str, str], pos: dict[str, str], session: Session, store: str
+) -> None:
+    event = create(
+        client,
+        marketer,
+        kind="tier_upgrade",
+        trigger={"type": "purchase"},
+        condition='event.channel = "ecom"',
+        actions={"tier": {"to": "gold"}},
+    )
+    activate(client, marketer, event["id"])
+    online = member(client, marketer, store)
+    resp = client.post(
+        "/v1/events/purchases",
+        json=purchase_payload(online, store, amount="10.00", channel="ecom"),
+        headers=pos,
+    )
+    assert resp.get_json()["rewards"]["tier_change"]["to"] == "gold"
+    client.post(f"/v1/campaigns/{event['id']}/end", json={}, headers=marketer)
+    batch = create(
+        client,
+        marketer,
+        kind="tier_upgrade",
+        trigger={"type": "schedule", "daily_at": "08:00"},
+        audience={"stores": [store]},
+        actions={"tier": {"to": "silver"}},
+    )
+    activate(client, marketer, batch["id"])
+    others = [member(client, marketer, store) for _ in range(3)]
+    run = client.post(f"/v1/campaigns/{batch['id']}/runs", json={}, headers=marketer).get_json()
+    # Everyone in the store qualifies; the gold member is never lowered to silver.
+    assert run["qualified"] == 4 and run["tier_upgrades"] == 3
+    tiers = dict(
+        session.execute(
+            select(Member.external_id, Member.tier).where(Member.external_id.in_([online, *others]))
+        ).all()
+    )
+    assert tiers == {online: "gold", **dict.fromkeys(others, "silver")}
