@@ -112,3 +112,29 @@ BEGIN
         || substr(a, (1 + ({BASE} - ({total}) % {BASE}) % {BASE})::int, 1);
 END
 """
+
+
+def sql_code_expression(x: str = "x", y: str = "y") -> str:
+    """A SQL expression for one code from two random non-negative bigints `x`, `y` (the
+    same arithmetic as `patron_coupon_code()`, inlined: bulk generation then needs no
+    PL/pgSQL call per row)."""
+    symbols, weights = [], []
+    for i in range(BODY_LENGTH):
+        var, k = (x, i) if i < 8 else (y, i - 8)
+        digit = f"(({var} / {BASE**k}) % {BASE})" if k else f"({var} % {BASE})"
+        symbols.append(f"substr('{ALPHABET}', (1 + {digit})::int, 1)")
+        weights.append(f"{LENGTH - i} * {digit}")
+    check = (
+        f"substr('{ALPHABET}', (1 + ({BASE} - ({' + '.join(weights)}) % {BASE}) % {BASE})::int, 1)"
+    )
+    return " || ".join(symbols) + " || " + check
+
+
+# `n` rows of two random 63-bit integers (x, y), from the same source as the function.
+# OFFSET 0 keeps the planner from inlining the volatile draw into each use of x and y.
+SQL_RANDOM_PAIRS = """
+    SELECT substring(h from 2 for 63)::bigint AS x, substring(h from 66 for 63)::bigint AS y
+    FROM (SELECT ('x' || md5(gen_random_uuid()::text || gen_random_uuid()::text))::bit(128) AS h
+          FROM generate_series(1, :n) OFFSET 0) AS draws
+    OFFSET 0
+"""

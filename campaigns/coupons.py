@@ -650,15 +650,19 @@ _FILL_CLAIM = text(
     """
 )
 
+# Codes drawn inline (no function call per row) and inserted in code order, so the
+# unique index on `code` is filled left to right instead of at random pages. A rare
+# collision is skipped by ON CONFLICT and drawn again by the next round.
 _FILL_INSERT = text(
-    """
+    f"""
     INSERT INTO coupons (code, template_id, batch_id, face_value, valid_from, valid_until,
                          issued_at)
-    SELECT patron_coupon_code(), :template_id, :batch_id, :face_value, :valid_from,
-           :valid_until, :issued_at
-    FROM generate_series(1, :n)
+    SELECT g.code, :template_id, :batch_id, :face_value, :valid_from, :valid_until, :issued_at
+    FROM (SELECT {codes.sql_code_expression("r.x", "r.y")} AS code
+          FROM ({codes.SQL_RANDOM_PAIRS}) AS r) AS g
+    ORDER BY g.code
     ON CONFLICT (code) DO NOTHING
-    """
+    """  # noqa: S608 - generated arithmetic, values are bound parameters
 )
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-import campaigns.models  # noqa: F401 - registers tables on Base.metadata
-import campaigns.models_coupons  # noqa: F401
-import campaigns.models_messaging  # noqa: F401
+import campaigns.models
+import campaigns.models_coupons
+import campaigns.models_messaging
 import campaigns.models_tiers  # noqa: F401
 import segments.models
 import segments.models_custom  # noqa: F401
