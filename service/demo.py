@@ -65,6 +65,9 @@ def write_demo_files(folder: Path) -> dict[str, Path]:
                     # demo's birthday campaign has someone to greet.
                     "birth_date": _demo_birthday(int(cid)).isoformat(),
                     "locale": "en",
+                    # Made-up addresses on the reserved example domain (RFC 2606), so the
+                    # demo's e-mails have somewhere to go (the log channel prints them).
+                    "email": f"customer{int(cid)}@example.com",
                     "home_store": DEMO_STORE,
                     "consent_email": "true",
                     "consent_sms": "false",
@@ -310,6 +313,9 @@ def run_demo(port: int = 8000, serve: bool = True) -> None:
     for ext, count, spend in facts["top"]:
         click.echo(f"  {ext:<12} {count:>3} purchases  {spend:>9} {DEMO_CURRENCY}")
     show_segments(engine)
+    run_demo_campaigns(engine)
+    assert config.redis_url is not None
+    deliver_demo_messages(engine, config.redis_url)
     with Session(engine) as s, s.begin():
         admin = create_key(s, "admin", "demo-admin")
         pos = create_key(s, "pos", "demo-pos", DEMO_STORE)
@@ -329,9 +335,6 @@ def run_demo(port: int = 8000, serve: bool = True) -> None:
         f'"channel": "ecom", "occurred_at": "2026-11-01T10:00:00-05:00"}}\' \\\n'
         f"       {base}/v1/events/purchases\n"
     )
-    run_demo_campaigns(engine)
-    assert config.redis_url is not None
-    deliver_demo_messages(engine, config.redis_url)
     engine.dispose()
     if serve:
         from service.gunicorn_app import run
