@@ -20,6 +20,10 @@ audience is everybody and whose condition selects about 20% (the other 80% get a
 
     python -m bench.bench_campaigns postgresql://postgres@127.0.0.1:5432/patron_h5_bench
     python -m bench.bench_campaigns URL --explain --condition
+    python -m bench.bench_campaigns URL --decision-inserts 300   # purchase path's INSERT
+
+``--decision-inserts N`` only compares three ways of writing one purchase's 20 decisions
+(Python CPU and wall time, rolled back; needs 20 campaigns in the database).
 
 **Purchase endpoint with 20 event campaigns**: `bench/bench_purchase.py --campaigns 20`
 calls `install_purchase_campaigns` below on its seeded database before starting the
@@ -297,34 +301,57 @@ def _checkpoint(engine: Engine) -> None:
         conn.execute(text("CHECKPOINT"))
 
 
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of a local process in seconds (the database backend of the run)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def timed_run(
     engine: Engine, timer: StatementTimer, campaign_id: int, run_key: str
 ) -> dict[str, Any]:
-    """run_campaign + commit in one session; wall seconds, statement times, machine load."""
+    """run_campaign + commit in one session; wall seconds, statement times, CPU and WAL.
+
+    CPU: the run's database backend (PostgreSQL on the same machine), this process, and
+    everything else on the machine ("other", the neighbours' share of the two cores).
+    """
     _checkpoint(engine)
     load_before = os.getloadavg()[0]
-    busy0, wall0 = _machine_busy(), time.perf_counter()
     with timer.recording() as statements, Session(engine) as session:
-        started = time.perf_counter()
+        backend = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        wal0 = session.execute(text("SELECT pg_current_wal_lsn()")).scalar_one()
+        cpu0, own0 = _proc_cpu(backend), time.process_time()
+        busy0, started = _machine_busy(), time.perf_counter()
         counts = run_campaign(
             session, campaign_id, run_key=run_key, now=BATCH_NOW, trigger="schedule"
         )
         before_commit = time.perf_counter()
         session.commit()
         finished = time.perf_counter()
-    busy = (_machine_busy() - busy0) / (time.perf_counter() - wall0)
+        db_cpu, own = _proc_cpu(backend) - cpu0, time.process_time() - own0
+        busy = _machine_busy() - busy0
+        wal = session.execute(
+            text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), CAST(:w AS pg_lsn))"), {"w": wal0}
+        ).scalar_one()
+    wall = finished - started
     by_label: dict[str, float] = defaultdict(float)
     for label, seconds in statements:
         by_label[label] += seconds
     top = sorted(by_label.items(), key=lambda kv: -kv[1])
     return {
         "run_key": run_key,
-        "seconds": round(finished - started, 2),
+        "seconds": round(wall, 2),
         "commit_seconds": round(finished - before_commit, 2),
         "counts": counts,
         "statements": len(statements),
         "statement_seconds": [{"statement": k, "seconds": round(v, 3)} for k, v in top[:8]],
-        "busy_cores": round(busy, 2),
+        "db_backend_cpu_seconds": round(db_cpu, 2),
+        "client_cpu_seconds": round(own, 2),
+        "other_cores": round(max(0.0, busy - db_cpu - own) / wall, 2),
+        "wal_mb": round(float(wal) / 1e6, 1),
         "load_average_before": round(load_before, 2),
     }
 
@@ -368,6 +395,19 @@ def explain_run(engine: Engine, definition: dict[str, Any], out: Path) -> dict[s
     level = pg_log.level
     pg_log.addHandler(collector)
     pg_log.setLevel(logging.INFO)
+    try:
+        counts, seconds = _explained(engine, definition)
+    finally:
+        pg_log.removeHandler(collector)
+        pg_log.setLevel(level)
+    out.write_text(
+        f"# run_campaign with auto_explain (log_analyze), {seconds:.2f} s, rolled back\n"
+        f"# counts: {json.dumps(counts)}\n\n" + "\n".join(notices)
+    )
+    return {"seconds": round(seconds, 2), "plans": len(notices), "file": str(out)}
+
+
+def _explained(engine: Engine, definition: dict[str, Any]) -> tuple[dict[str, Any], float]:
     with Session(engine) as session:
         session.execute(text("LOAD 'auto_explain'"))
         for setting, value in (
@@ -386,13 +426,123 @@ def explain_run(engine: Engine, definition: dict[str, Any], out: Path) -> dict[s
         )
         seconds = time.perf_counter() - started
         session.rollback()
-    pg_log.removeHandler(collector)
-    pg_log.setLevel(level)
-    out.write_text(
-        f"# run_campaign with auto_explain (log_analyze), {seconds:.2f} s, rolled back\n"
-        f"# counts: {json.dumps(counts)}\n\n" + "\n".join(notices)
+    return counts, seconds
+
+
+# --------------------------------------------------------------------------------------
+# The purchase path's decision insert: how it is written vs. two alternatives
+# --------------------------------------------------------------------------------------
+
+_UNNEST_DECISIONS = text(
+    """
+    INSERT INTO decisions (campaign_id, campaign_version, member_id, period, trigger, outcome,
+                           reason, rule_hash, detail, transaction_id, decided_at)
+    SELECT c, v, :m, :p, 'purchase', o, r, h, CAST(d AS jsonb), NULL, :now
+    FROM unnest(CAST(:c AS bigint[]), CAST(:v AS int[]), CAST(:o AS text[]),
+                CAST(:r AS text[]), CAST(:h AS text[]), CAST(:d AS text[])) AS u(c, v, o, r, h, d)
+    ON CONFLICT ON CONSTRAINT uq_decisions_evaluation DO NOTHING
+    RETURNING campaign_id, id
+    """
+)
+
+
+def decision_inserts(engine: Engine, n: int) -> dict[str, Any]:
+    """Python CPU and wall time of writing one purchase's 20 decisions, three ways.
+
+    "multi-VALUES" is what `campaigns.engine._write_decisions` does (a new INSERT ... VALUES
+    of 20 rows, compiled by SQLAlchemy and planned by PostgreSQL on every call);
+    "executemany" passes the rows as parameters of one cached INSERT (SQLAlchemy's
+    insertmanyvalues); "unnest" sends six arrays to one fixed statement. Each way runs n
+    times in a transaction that is rolled back.
+    """
+    from sqlalchemy.dialects.postgresql import insert
+
+    from campaigns.models import Decision
+
+    with engine.connect() as conn:
+        ids = list(conn.scalars(text("SELECT id FROM campaigns ORDER BY id LIMIT 20")))
+    if len(ids) < 20:
+        raise SystemExit("--decision-inserts needs 20 campaigns in the database")
+    now = datetime.now(UTC)
+    detail = {"explanation": {"outcome": False, "rule_text": "event.amount >= 900"}}
+
+    def rows(member: int, period: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "campaign_id": cid,
+                "campaign_version": 1,
+                "member_id": member,
+                "period": period,
+                "trigger": "purchase",
+                "outcome": "suppressed",
+                "reason": "condition_failed",
+                "rule_hash": "0" * 64,
+                "detail": detail,
+                "transaction_id": None,
+                "decided_at": now,
+            }
+            for cid in ids
+        ]
+
+    many = (
+        insert(Decision)
+        .on_conflict_do_nothing(constraint="uq_decisions_evaluation")
+        .returning(Decision.campaign_id, Decision.id, sort_by_parameter_order=True)
     )
-    return {"seconds": round(seconds, 2), "plans": len(notices), "file": str(out)}
+
+    def multi_values(session: Session, i: int) -> int:
+        stmt = (
+            insert(Decision)
+            .values(rows(i, f"bench-mv-{i}"))
+            .on_conflict_do_nothing(constraint="uq_decisions_evaluation")
+            .returning(Decision.campaign_id, Decision.id)
+        )
+        return len(session.execute(stmt).all())
+
+    def executemany(session: Session, i: int) -> int:
+        return len(session.execute(many, rows(i, f"bench-em-{i}")).all())
+
+    def unnest(session: Session, i: int) -> int:
+        rs = rows(i, f"bench-un-{i}")
+        params = {
+            "m": i,
+            "p": f"bench-un-{i}",
+            "now": now,
+            "c": [r["campaign_id"] for r in rs],
+            "v": [r["campaign_version"] for r in rs],
+            "o": [r["outcome"] for r in rs],
+            "r": [r["reason"] for r in rs],
+            "h": [r["rule_hash"] for r in rs],
+            "d": [json.dumps(r["detail"]) for r in rs],
+        }
+        return len(session.execute(_UNNEST_DECISIONS, params).all())
+
+    with engine.connect() as conn:
+        members = list(conn.scalars(text("SELECT id FROM members ORDER BY id LIMIT :n"), {"n": n}))
+    results: dict[str, Any] = {}
+    # Twice, taking turns, so a change in the machine's load falls on all three.
+    for _ in range(2):
+        for name, fn in (
+            ("multi-VALUES", multi_values),
+            ("executemany", executemany),
+            ("unnest", unnest),
+        ):
+            with Session(engine) as session:
+                fn(session, members[0])  # warm: connection, compiled cache, plan
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                for member in members[1:]:
+                    assert fn(session, member) == 20
+                cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
+                session.rollback()
+            per = len(members) - 1
+            best = results.get(name)
+            entry = {
+                "python_cpu_ms": round(cpu / per * 1000, 2),
+                "wall_ms": round(wall / per * 1000, 2),
+            }
+            if best is None or entry["wall_ms"] < best["wall_ms"]:
+                results[name] = entry
+    return {"calls": len(members) - 1, "load_average": round(os.getloadavg()[0], 1), **results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -412,10 +562,21 @@ def main(argv: list[str] | None = None) -> int:
         default="purchase_count >= 6",
         help="the condition of --condition (tune to ~20%% of members)",
     )
+    parser.add_argument(
+        "--decision-inserts",
+        type=int,
+        metavar="N",
+        help="only compare three ways of writing a purchase's 20 decisions, N times each",
+    )
     args = parser.parse_args(argv)
 
     OUT.mkdir(parents=True, exist_ok=True)
     engine = create_engine(normalise_url(args.db))
+    if args.decision_inserts:
+        result = decision_inserts(engine, args.decision_inserts + 1)
+        print(json.dumps(result, indent=2))
+        (OUT / "bench_campaigns_inserts.json").write_text(json.dumps(result, indent=2))
+        return 0
     timer = StatementTimer(engine)
     tag = datetime.now(UTC).strftime("%m%d%H%M%S")
     regions = [r.strip() for r in args.regions.split(",") if r.strip()]
@@ -462,8 +623,9 @@ def main(argv: list[str] | None = None) -> int:
             f"run {n}: {result['seconds']:.2f} s (commit {result['commit_seconds']:.2f} s), "
             f"decisions {c.get('decisions')}, qualified {c.get('qualified')}, "
             f"coupons {c.get('coupons')}, messages {c.get('messages')}, "
-            f"cap_reached {c.get('reason_cap_reached', 0)}; "
-            f"busy cores {result['busy_cores']}, load {result['load_average_before']}"
+            f"cap_reached {c.get('reason_cap_reached', 0)}; backend CPU "
+            f"{result['db_backend_cpu_seconds']} s, WAL {result['wal_mb']} MB, "
+            f"other load {result['other_cores']} cores"
         )
         for s in result["statement_seconds"][:5]:
             _log(f"    {s['seconds']:7.3f} s  {s['statement']}")
@@ -485,8 +647,8 @@ def main(argv: list[str] | None = None) -> int:
         _log(
             f"condition run ({args.condition_rule}): {result['seconds']:.2f} s, "
             f"decisions {c.get('decisions')}, qualified {c.get('qualified')}, "
-            f"coupons {c.get('coupons')}, messages {c.get('messages')}; "
-            f"busy cores {result['busy_cores']}"
+            f"coupons {c.get('coupons')}, messages {c.get('messages')}; backend CPU "
+            f"{result['db_backend_cpu_seconds']} s, other load {result['other_cores']} cores"
         )
         for s in result["statement_seconds"][:5]:
             _log(f"    {s['seconds']:7.3f} s  {s['statement']}")

@@ -22,6 +22,8 @@ recreated, migrated, seeded with 50 stores, 10,000 members and one amount templa
 
     python -m bench.bench_coupons                     # all of it (about 5 minutes)
     python -m bench.bench_coupons --codes 200000 --contended 500 --contenders 20
+    python -m bench.bench_coupons --bulk-variants --skip sql --skip http \
+        --skip contention --skip service          # bulk generation: three ways, then 1M
 
 Results are printed and written to bench/out/bench_coupons.json.
 """
@@ -47,6 +49,7 @@ import psycopg2
 from bench.bench_purchase import (
     OUT,
     CpuMeter,
+    _proc_cpu,
     create_database,
     free_port,
     machine_notes,
@@ -113,7 +116,7 @@ def time_sql_codes(db_url: str, n: int = 200_000) -> dict[str, Any]:
 
 
 def bulk(db_url: str, template: str, n: int) -> dict[str, Any]:
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, text
     from sqlalchemy.orm import Session
 
     from campaigns import codes, coupons
@@ -121,8 +124,13 @@ def bulk(db_url: str, template: str, n: int) -> dict[str, Any]:
     engine = create_engine(db_url.replace("postgresql://", "postgresql+psycopg2://", 1))
     t0 = time.perf_counter()
     with Session(engine) as s, s.begin():
+        backend = int(s.execute(text("SELECT pg_backend_pid()")).scalar_one())
+        cpu0 = _proc_cpu(backend)
         batch, _ = coupons.create_batch(s, template, n, actor="bench", label="bench")
         batch = coupons.fill_batch(s, batch["id"])
+        # CPU of the PostgreSQL backend that did the work: on a shared machine the wall
+        # time depends on the neighbours, this much less.
+        backend_cpu = _proc_cpu(backend) - cpu0
     seconds = time.perf_counter() - t0
     conn = psycopg2.connect(db_url)
     with conn, conn.cursor() as cur:
@@ -138,7 +146,57 @@ def bulk(db_url: str, template: str, n: int) -> dict[str, Any]:
         "well_formed": sum(codes.is_well_formed(c) for c in stored),
         "seconds": round(seconds, 2),
         "codes_per_s": round(n / seconds),
+        "backend_cpu_s": round(backend_cpu, 2),
     }
+
+
+def bulk_variants(db_url: str, template: str, n: int, rounds: int = 2) -> dict[str, list[float]]:
+    """Side by side, in rolled-back transactions of n codes in chunks like fill_batch: one
+    `patron_coupon_code()` call per row, the arithmetic inlined, inlined and sorted."""
+    from datetime import timedelta
+
+    from sqlalchemy import create_engine, text
+
+    from campaigns import codes, coupons
+
+    cols = "INSERT INTO coupons (code, template_id, batch_id, face_value, valid_from,"
+    cols += " valid_until, issued_at)"
+    vals = ":template_id, :batch_id, :face_value, :valid_from, :valid_until, :issued_at"
+    inline = f"SELECT {codes.sql_code_expression('r.x', 'r.y')} AS code"
+    variants = {
+        "function": text(
+            f"{cols} SELECT patron_coupon_code(), {vals} FROM generate_series(1, :n)"
+            " ON CONFLICT (code) DO NOTHING"
+        ),
+        "inline": text(
+            f"{cols} SELECT g.code, {vals} FROM ({inline} FROM ({codes.SQL_RANDOM_PAIRS}) r) g"
+            " ON CONFLICT (code) DO NOTHING"
+        ),
+        "inline_sorted": coupons._FILL_INSERT,
+    }
+    engine = create_engine(db_url.replace("postgresql://", "postgresql+psycopg2://", 1))
+    with engine.connect() as c:
+        tid = c.execute(
+            text("SELECT id FROM coupon_templates WHERE code = :c"), {"c": template}
+        ).scalar()
+    now = datetime.now(UTC)
+    chunk = min(n, coupons.BATCH_CHUNK)
+    params = {"template_id": tid, "batch_id": None, "face_value": 20, "valid_from": now,
+              "valid_until": now + timedelta(days=1), "issued_at": now, "n": chunk}  # fmt: skip
+    out: dict[str, list[float]] = {name: [] for name in variants}
+    order = list(variants.items())
+    for rnd in range(rounds):
+        for name, stmt in order if rnd % 2 == 0 else order[::-1]:
+            with engine.connect() as c:
+                tx = c.begin()
+                t0 = time.perf_counter()
+                for _ in range(n // chunk):
+                    c.execute(stmt, params)
+                out[name].append(round(time.perf_counter() - t0, 1))
+                tx.rollback()
+            print(f"  {name}: {out[name][-1]} s", flush=True)
+    engine.dispose()
+    return out
 
 
 def take_codes(db_url: str, batch_id: int, n: int, offset: int) -> list[str]:
@@ -356,6 +414,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contended", type=int, default=2000)
     parser.add_argument("--contenders", type=int, default=50)
     parser.add_argument(
+        "--bulk-variants",
+        action="store_true",
+        help="first compare three ways of generating --codes codes (rolled back)",
+    )
+    parser.add_argument(
         "--quiet-wait", type=float, default=60, help="wait up to this long for an idle machine"
     )
     parser.add_argument("--skip", action="append", default=[],
@@ -379,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
         report["sql_codes"] = time_sql_codes(db_url)
         print(f"patron_coupon_code() x 200,000: {report['sql_codes']}", flush=True)
 
+    if args.bulk_variants:
+        report["bulk_variants"] = bulk_variants(db_url, template, args.codes)
+        print(f"bulk variants: {report['bulk_variants']}", flush=True)
     waited = wait_quiet(args.quiet_wait, 0.3)
     report["bulk"] = b = bulk(db_url, template, args.codes)
     b["waited_for_quiet_s"] = round(waited, 1)
@@ -461,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not ok:
                     failures.append(f"contention: {r}")
 
-    if "service" not in args.skip:
+    if "service" not in args.skip and offset < args.codes:
         waited = wait_quiet(args.quiet_wait, 0.3)
         work = take_codes(db_url, b["batch_id"], args.codes - offset, offset)
         offset += len(work)

@@ -82,6 +82,44 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f} {len(df)} {len(g)}")
 """
 
 
+# The analyst's version: the export as it comes (the transactions CSV the importer reads:
+# ten columns, ISO timestamps with offsets, refunds as their own rows), read with only the
+# needed columns; refunds are netted against their purchases, days are local days.
+PANDAS_RFM_EXPORT = r"""
+import sys, time
+import numpy as np
+import pandas as pd
+
+path, as_of, tz = sys.argv[1], pd.Timestamp(sys.argv[2]), sys.argv[3]
+t0 = time.perf_counter()
+df = pd.read_csv(path, usecols=["transaction_id", "member_id", "kind",
+                                "original_transaction_id", "amount", "occurred_at"])
+t1 = time.perf_counter()
+df["day"] = pd.to_datetime(df["occurred_at"], utc=True).dt.tz_convert(tz).dt.tz_localize(None)
+df["day"] = df["day"].dt.normalize()
+refunds = df[df["kind"] == "refund"].groupby("original_transaction_id")["amount"].sum()
+p = df[df["kind"] == "purchase"].copy()
+p["amount"] = p["amount"] - p["transaction_id"].map(refunds).fillna(0)
+p = p[p["day"] > as_of - pd.Timedelta(days=365)]
+g = p.groupby("member_id").agg(last=("day", "max"), f=("day", "size"), m=("amount", "sum"))
+g["recency"] = (as_of - g["last"]).dt.days
+def score(values, reverse):
+    cuts = np.quantile(values, [0.2, 0.4, 0.6, 0.8], method="inverted_cdf")
+    above = sum((values > c).astype(int) for c in cuts)
+    return 5 - above if reverse else 1 + above
+g["r"] = score(g["recency"].to_numpy(), True)
+g["f"] = 1 + sum((g["f"].to_numpy() > t).astype(int) for t in (1, 2, 4, 9))
+g["m"] = score(g["m"].to_numpy(), False)
+t2 = time.perf_counter()
+print(f"{t1 - t0:.3f} {t2 - t1:.3f} {len(p)} {len(g)}")
+"""
+
+
+# The segmentation steps (issue 4's daily refresh); other packages append their own steps
+# (tiers, campaigns), which have their own benchmarks.
+SEGMENT_STEPS = ["windows", "lifecycle", "rfm", "churn", "snapshot", "custom_segments"]
+
+
 def _create_segments(engine: Any, n: int) -> list[int]:
     """The first n of the custom-segment benchmark's 20 segments (replacing any others)."""
     from bench.bench_custom_segments import SEGMENTS
@@ -156,6 +194,31 @@ def _a_day_of_purchases(
     )
 
 
+class _BackendCpu:
+    """User + system CPU seconds of the one PostgreSQL backend serving this benchmark.
+
+    On a shared machine wall time depends on everyone else; the backend's CPU time does not
+    (with --serial no parallel workers run, so it is all the database's work). The server
+    must be on this machine (read from /proc).
+    """
+
+    def __init__(self, engine: Any, pid: int) -> None:
+        self.engine, self.pid = engine, pid
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return float("nan")
+        return (int(fields[11]) + int(fields[12])) / self.tick
+
+    def check(self) -> None:
+        with self.engine.connect() as conn:
+            if int(conn.scalar(text("SELECT pg_backend_pid()"))) != self.pid:
+                _log("warning: the backend changed during the run; CPU figures are incomplete")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("database_url")
@@ -172,14 +235,35 @@ def main() -> None:
         type=Path,
         default=Path(tempfile.gettempdir()) / "patron-bench-seg-purchases.csv",
     )
+    parser.add_argument(
+        "--pandas-export",
+        type=Path,
+        default=None,
+        help="also time the pandas RFM script over this transactions export (generate.py's)",
+    )
     parser.add_argument("--skip-rebuild", action="store_true")
     parser.add_argument("--skip-pandas", action="store_true")
     parser.add_argument("--timezone", default="Asia/Shanghai")
+    parser.add_argument(
+        "--serial",
+        action="store_true",
+        help="no parallel query workers: the backend's CPU time is then all the work",
+    )
     args = parser.parse_args()
 
-    engine = create_engine(normalise_url(args.database_url))
+    # One pooled connection, so one backend does all the work and its CPU time can be read.
+    options = "-c max_parallel_workers_per_gather=0" if args.serial else ""
+    engine = create_engine(
+        normalise_url(args.database_url),
+        pool_size=1,
+        max_overflow=0,
+        connect_args={"options": options} if options else {},
+    )
     config = ScoringConfig.from_mapping({"timezone": args.timezone})
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}}
+    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "serial": args.serial}
+    with engine.connect() as conn:
+        backend = int(conn.scalar(text("SELECT pg_backend_pid()")))
+    cpu = _BackendCpu(engine, backend)
 
     started = time.perf_counter()
     migrate.upgrade(engine)
@@ -209,13 +293,25 @@ def main() -> None:
 
     yesterday = as_of - timedelta(days=1)
     if not args.skip_rebuild:
+        # Worst case: every row differs (a rebuild writes only rows that do), so every
+        # member_stats row is rewritten; the dead rows of this untimed step are vacuumed.
+        with unit() as session:
+            session.execute(text("UPDATE member_stats SET purchase_days = -1"))
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+                text("VACUUM ANALYZE member_stats")
+            )
         with unit() as session:
             session.execute(text("SET LOCAL work_mem = '256MB'"))
-            t = time.perf_counter()
+            t, c = time.perf_counter(), cpu.seconds()
             stats.rebuild_all_stats(session, yesterday, timezone=config.timezone)
-            seconds = time.perf_counter() - t
+            seconds, used = time.perf_counter() - t, cpu.seconds() - c
         results["full_rebuild_seconds"] = round(seconds, 2)
-        _log(f"full rebuild of member_stats from transactions: {seconds:.1f}s ({_load()})")
+        results["full_rebuild_backend_cpu"] = round(used, 2)
+        _log(
+            f"full rebuild of member_stats from transactions: {seconds:.1f}s, backend CPU"
+            f" {used:.1f}s ({_load()})"
+        )
         with engine.connect() as conn:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(
                 text("VACUUM ANALYZE member_stats")
@@ -225,28 +321,50 @@ def main() -> None:
     with unit() as session:
         session.execute(text("UPDATE member_stats SET updated_at = now() - interval '2 days'"))
     t = time.perf_counter()
-    refresh.run_refresh(unit, yesterday, config=config)
+    refresh.run_refresh(unit, yesterday, config=config, steps=SEGMENT_STEPS)
     _log(f"warm-up refresh of {yesterday}: {time.perf_counter() - t:.1f}s ({_load()})")
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(
             text("VACUUM ANALYZE member_scores")
         )
 
-    runs = []
+    runs: list[dict[str, Any]] = []
     for n in range(args.runs):
         with unit() as session:
             _a_day_of_purchases(session, yesterday, args.dirty, n, config)
-        t = time.perf_counter()
-        out = refresh.run_refresh(unit, as_of, config=config)
-        seconds = time.perf_counter() - t
+        step_cpu: dict[str, float] = {}
+
+        def progress(name: str, details: dict[str, Any], used: dict[str, float] = step_cpu) -> None:
+            if details.get("status") == "started":
+                used[name] = -cpu.seconds()
+            else:
+                used[name] = round(used[name] + cpu.seconds(), 2)
+
+        t, c = time.perf_counter(), cpu.seconds()
+        out = refresh.run_refresh(
+            unit, as_of, config=config, steps=SEGMENT_STEPS, progress=progress
+        )
+        seconds, used = time.perf_counter() - t, cpu.seconds() - c
         steps = {k: v["seconds"] for k, v in out["steps"].items()}
-        runs.append({"seconds": round(seconds, 2), "steps": steps, "load": _load()})
-        _log(f"daily refresh #{n + 1} of {as_of}: {seconds:.1f}s {steps} ({_load()})")
+        runs.append(
+            {
+                "seconds": round(seconds, 2),
+                "steps": steps,
+                "backend_cpu": round(used, 2),
+                "steps_backend_cpu": step_cpu,
+                "load": _load(),
+            }
+        )
+        _log(
+            f"daily refresh #{n + 1} of {as_of}: {seconds:.1f}s {steps}; backend CPU"
+            f" {used:.1f}s {step_cpu} ({_load()})"
+        )
+    cpu.check()
     results["daily_refresh"] = runs
 
     if not args.skip_pandas:
         t = time.perf_counter()
-        with engine.raw_connection() as raw:  # type: ignore[attr-defined]
+        with engine.raw_connection() as raw:
             cur = raw.cursor()
             with args.csv.open("w") as f:
                 cur.copy_expert(
@@ -278,6 +396,33 @@ def main() -> None:
         best = min(r["seconds"] for r in runs)
         results["speedup_vs_pandas"] = round(wall / best, 2)
         _log(f"daily refresh (best run) vs pandas RFM-only: {wall / best:.1f}x faster")
+    if args.pandas_export is not None:
+        t = time.perf_counter()
+        proc = subprocess.run(
+            [
+                *(sys.executable, "-c", PANDAS_RFM_EXPORT, str(args.pandas_export)),
+                *(as_of.isoformat(), config.timezone),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        wall = time.perf_counter() - t
+        read_s, compute_s, rows, scored = proc.stdout.split()
+        best = min(r["seconds"] for r in runs)
+        results["pandas_rfm_export"] = {
+            "seconds": round(wall, 2),
+            "read_csv": float(read_s),
+            "rfm": float(compute_s),
+            "rows": int(rows),
+            "members": int(scored),
+            "load": _load(),
+            "speedup": round(wall / best, 2),
+        }
+        _log(
+            f"pandas RFM over the export: {wall:.1f}s (read {read_s}s, compute {compute_s}s;"
+            f" {_load()}); daily refresh (best run) {wall / best:.1f}x faster"
+        )
     print(json.dumps(results, indent=2, default=str))
 
 

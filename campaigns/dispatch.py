@@ -20,9 +20,12 @@ out with the same idempotency key, which the provider uses to drop the copy.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
+import re
 import threading
 import time
 from collections import defaultdict
@@ -31,9 +34,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg2
 import redis
 from rq import Queue
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -41,6 +45,7 @@ from campaigns import policy, templates
 from campaigns.channels import Channel, Outcome, Outgoing, Result, build_channels
 from campaigns.channels.config import MessagingConfig
 from campaigns.channels.ratelimit import RateLimiter
+from service.db import PREPARE_OPTION, REPREPARE_AFTER_EXECUTIONS, REPREPARE_AFTER_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -199,124 +204,186 @@ def run_dispatcher(
 
 # --- worker ---------------------------------------------------------------------------
 
-_CLAIM = text(
-    """
-    SELECT o.id, o.member_id, o.campaign_id, o.coupon_id, o.template, o.channel, o.kind,
-           o.not_after, o.payload, o.attempts
-    FROM outbox_messages o
-    WHERE o.id = ANY(:ids) AND o.status IN ('queued', 'deferred') AND o.not_before <= now()
-    ORDER BY o.id
+# The claim: due rows of the job not taken by another worker, then their members in id
+# order (no deadlocks). Locking the members makes "count the recent contacts, then take
+# a slot" atomic per member; FOR NO KEY UPDATE does not block purchases (their foreign
+# key checks take KEY SHARE locks). The policy runs in the next statement, whose fresh
+# snapshot sees the contacts of any worker that held these members before us.
+_CLAIM = """
+WITH claimed AS MATERIALIZED (
+    SELECT id, member_id FROM outbox_messages
+    WHERE id = ANY(%(ids)s) AND status IN ('queued', 'deferred') AND not_before <= now()
+    ORDER BY id
     FOR UPDATE SKIP LOCKED
-    """
-)
-# Locking the members (in id order: no deadlocks) makes "count the recent contacts,
-# then take a slot" atomic per member; FOR NO KEY UPDATE does not block purchases
-# (their foreign-key checks take KEY SHARE locks). It also reads consent as of now.
-_MEMBERS = text(
-    """
-    SELECT m.id, m.external_id, m.name, m.gender, m.birth_date, m.email, m.phone,
-           m.timezone, m.locale, m.tier, m.tags, m.attributes, m.status,
-           m.consent_email, m.consent_sms, m.consent_push, m.consent_wechat,
-           s.code AS store_code, s.name AS store_name, r.name AS region_name
-    FROM members m
-    LEFT JOIN stores s ON s.id = m.home_store_id
-    LEFT JOIN regions r ON r.id = s.region_id
-    WHERE m.id = ANY(:ids)
+),
+locked AS MATERIALIZED (
+    SELECT m.id FROM members m
+    WHERE m.id IN (SELECT member_id FROM claimed)
     ORDER BY m.id
-    FOR NO KEY UPDATE OF m
-    """
+    FOR NO KEY UPDATE
 )
-# One index probe per member (LATERAL): with `member_id = ANY(...)` the planner, misled
-# by statistics that lag behind a busy outbox, chose to scan every sent message instead.
-_CONTACTS = text(
-    """
-    SELECT m.member_id, o.sent_channel, o.contacted_at
-    FROM unnest(CAST(:ids AS bigint[])) AS m(member_id)
-    CROSS JOIN LATERAL (
-        SELECT sent_channel, contacted_at FROM outbox_messages
-        WHERE member_id = m.member_id AND kind = 'marketing'
-          AND status IN ('sending', 'sent') AND contacted_at IS NOT NULL
-          AND contacted_at > :since
-    ) o
-    """
-)
-_COUPONS = text(
-    """
-    SELECT c.id, c.code, c.face_value, c.valid_from, c.valid_until,
-           t.kind, t.percent_off, t.amount_off
-    FROM coupons c LEFT JOIN coupon_templates t ON t.id = c.template_id
-    WHERE c.id = ANY(:ids)
-    """
-)
-_APPLY_COLUMNS = """
+SELECT array_agg(id ORDER BY id) FROM claimed, (SELECT count(*) FROM locked) AS l
+"""
+_COUPONS = """
+SELECT c.id, c.code, c.face_value, c.valid_from, c.valid_until,
+       t.kind, t.percent_off, t.amount_off
+FROM coupons c LEFT JOIN coupon_templates t ON t.id = c.template_id
+WHERE c.id = ANY(%(ids)s)
+"""
+# Outcomes of a chunk, one row each from parallel arrays.
+_OUTCOME = """
+UPDATE outbox_messages o SET
     status = v.status,
-    sent_channel = COALESCE(v.sent_channel, o.sent_channel),
+    sent_channel = COALESCE(v.channel, o.sent_channel),
     not_before = COALESCE(v.not_before, o.not_before),
     reason = v.reason,
-    last_error = v.last_error,
-    overrides = CASE WHEN v.overrides = '' THEN o.overrides
-                     ELSE string_to_array(v.overrides, ',') END,
-    attempts = o.attempts + v.attempt,
-    lease_until = v.lease_until,
-    contacted_at = v.contacted_at,
-    sent_at = v.sent_at,
+    last_error = v.error,
+    overrides = CASE WHEN v.overrides <> '' THEN string_to_array(v.overrides, ',')
+                     ELSE o.overrides END,
+    attempts = v.attempts,
+    lease_until = NULL,
+    contacted_at = CASE WHEN v.status = 'sent' AND o.kind = 'marketing'
+                        THEN CASE WHEN o.status = 'sending' THEN o.contacted_at ELSE now() END
+                   END,
+    sent_at = CASE WHEN v.status = 'sent' THEN now() END,
     provider_id = COALESCE(v.provider_id, o.provider_id),
     dispatched_at = CASE WHEN v.status IN ('queued', 'deferred') THEN NULL
                          ELSE o.dispatched_at END,
     updated_at = now()
+FROM unnest(%(ids)s::bigint[], %(statuses)s::text[], %(channels)s::text[],
+            %(reasons)s::text[], %(errors)s::text[], %(not_befores)s::timestamptz[],
+            %(providers)s::text[], %(overrides)s::text[], %(attempts)s::integer[])
+     AS v(id, status, channel, reason, error, not_before, provider_id, overrides, attempts)
+WHERE o.id = v.id
 """
-_APPLY_FROM = """
-    FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]),
-                CAST(:channels AS text[]), CAST(:not_befores AS timestamptz[]),
-                CAST(:reasons AS text[]), CAST(:errors AS text[]), CAST(:overrides AS text[]),
-                CAST(:attempt AS integer[]), CAST(:leases AS timestamptz[]),
-                CAST(:contacted AS timestamptz[]), CAST(:sent AS timestamptz[]),
-                CAST(:providers AS text[]), CAST(:expected AS integer[]))
-         AS v(id, status, sent_channel, not_before, reason, last_error, overrides, attempt,
-              lease_until, contacted_at, sent_at, provider_id, expected)
-"""
-# Inside the claiming transaction: the rows are locked by us.
-_APPLY = text(f"UPDATE outbox_messages o SET {_APPLY_COLUMNS} {_APPLY_FROM} WHERE o.id = v.id")  # noqa: S608
-# After an external send: only if the row is still this attempt's.
-_RECORD = text(
-    f"UPDATE outbox_messages o SET {_APPLY_COLUMNS} {_APPLY_FROM} "  # noqa: S608
-    "WHERE o.id = v.id AND o.status = 'sending' AND o.attempts = v.expected"
-)
 
 
-@dataclass
-class _Change:
-    id: int
-    status: str
-    channel: str | None = None
-    not_before: datetime | None = None
-    reason: str | None = None
-    error: str | None = None
-    overrides: str = ""
-    attempt: int = 0
-    lease_until: datetime | None = None
-    contacted_at: datetime | None = None
-    sent_at: datetime | None = None
-    provider_id: str | None = None
-    expected: int = 0
+_PYFORMAT = re.compile(r"%\((\w+)\)s")
 
 
-def _params(changes: Sequence[_Change]) -> dict[str, list[Any]]:
-    return {
-        "ids": [c.id for c in changes],
-        "statuses": [c.status for c in changes],
-        "channels": [c.channel for c in changes],
-        "not_befores": [c.not_before for c in changes],
-        "reasons": [c.reason for c in changes],
-        "errors": [c.error[:500] if c.error else None for c in changes],
-        "overrides": [c.overrides for c in changes],
-        "attempt": [c.attempt for c in changes],
-        "leases": [c.lease_until for c in changes],
-        "contacted": [c.contacted_at for c in changes],
-        "sent": [c.sent_at for c in changes],
-        "providers": [c.provider_id for c in changes],
-        "expected": [c.expected for c in changes],
-    }
+@dataclass(frozen=True)
+class _Statement:
+    """A worker statement and its server-side prepared form (see `_run`)."""
+
+    text: str
+    name: str
+    prepare: str
+    execute: str
+
+    @classmethod
+    def of(cls, sql: str) -> _Statement:
+        order: list[str] = []
+
+        def number(match: re.Match[str]) -> str:
+            if match.group(1) not in order:
+                order.append(match.group(1))
+            return f"${order.index(match.group(1)) + 1}"
+
+        body = _PYFORMAT.sub(number, sql)
+        name = "patron_msg_" + hashlib.sha1(body.encode(), usedforsecurity=False).hexdigest()[:16]
+        args = ", ".join(f"%({key})s" for key in order)
+        return cls(sql, name, f"PREPARE {name} AS {body}", f"EXECUTE {name} ({args})")
+
+
+def _run(conn: Connection, statement: _Statement, params: Mapping[str, Any]) -> Any:
+    """Execute on `conn` (in its transaction) with a raw DB-API cursor; return the cursor.
+
+    The policy statement takes PostgreSQL longer to plan than to run for a chunk, so each
+    pooled connection PREPAREs the worker's statements once and re-prepares them now and
+    then (as `service.db.execute_prepared` does, whose reasons apply). Rows come back as
+    plain tuples: no per-row result objects on this path.
+    """
+    cursor = conn.connection.cursor()
+    if not conn.get_execution_options().get(PREPARE_OPTION, True):
+        cursor.execute(statement.text, params)
+        return cursor
+    state: dict[str, list[float]] = conn.connection.info.setdefault("patron_prepared", {})
+    entry = state.get(statement.name)
+    now = time.monotonic()
+    try:
+        if entry is None:
+            cursor.execute(statement.prepare)
+            entry = state[statement.name] = [now, 0]
+        elif entry[1] >= REPREPARE_AFTER_EXECUTIONS or now - entry[0] >= REPREPARE_AFTER_SECONDS:
+            cursor.execute(f"DEALLOCATE {statement.name}; {statement.prepare}")
+            entry[0], entry[1] = now, 0
+        entry[1] += 1
+        cursor.execute(statement.execute, params)
+    except psycopg2.Error as exc:
+        if exc.pgcode == "26000":  # the prepared statement is gone
+            state.pop(statement.name, None)
+        raise
+    return cursor
+
+
+# Inside the claiming transaction the rows are ours (locked); after an external send an
+# outcome only counts if the row is still this attempt's (its lease was not taken over).
+_APPLY = _Statement.of(_OUTCOME)
+_RECORD = _Statement.of(_OUTCOME + " AND o.status = 'sending' AND o.attempts = v.attempts")
+_CLAIM_STATEMENT = _Statement.of(_CLAIM)
+_COUPONS_STATEMENT = _Statement.of(_COUPONS)
+
+
+class _Outcomes:
+    """A chunk's outcomes as the parallel arrays `_OUTCOME` takes (no object per row)."""
+
+    __slots__ = (
+        "attempts",
+        "channels",
+        "errors",
+        "ids",
+        "not_befores",
+        "overrides",
+        "providers",
+        "reasons",
+        "statuses",
+    )
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.statuses: list[str] = []
+        self.channels: list[str | None] = []
+        self.reasons: list[str | None] = []
+        self.errors: list[str | None] = []
+        self.not_befores: list[datetime | None] = []
+        self.providers: list[str | None] = []
+        self.overrides: list[str | None] = []
+        self.attempts: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def add(
+        self,
+        message_id: int,
+        status: str,
+        channel: str | None,
+        attempts: int,
+        *,
+        reason: str | None = None,
+        error: str | None = None,
+        not_before: datetime | None = None,
+        provider_id: str | None = None,
+        overrides: str | None = None,
+    ) -> None:
+        self.ids.append(message_id)
+        self.statuses.append(status)
+        self.channels.append(channel)
+        self.reasons.append(reason)
+        self.errors.append(error[:500] if error else None)
+        self.not_befores.append(not_before)
+        self.providers.append(provider_id)
+        self.overrides.append(overrides)
+        self.attempts.append(attempts)
+
+    def params(self) -> dict[str, list[Any]]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+    def counts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for status in self.statuses:
+            counts[status] += 1
+        return counts
 
 
 @dataclass
@@ -330,6 +397,14 @@ class Runtime:
     variants: templates.VariantCache = field(default_factory=templates.VariantCache)
     coupons_table: bool | None = None
     pid: int = field(default_factory=os.getpid)
+    # Channels sent after the claim commits (the others complete inside it).
+    external: frozenset[str] = frozenset()
+    chunk: _Statement | None = None
+    zones: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.external = frozenset(n for n, c in self.channels.items() if not c.in_transaction)
+        self.chunk = _Statement.of(policy.chunk_sql(self.config, self.external))
 
     def close(self) -> None:
         for channel in self.channels.values():
@@ -393,223 +468,234 @@ def _backoff(config: MessagingConfig, attempts: int, retry_after: float | None) 
     return max(delay, retry_after or 0.0)
 
 
-def _outcome_change(
-    rt: Runtime, outcome: Outcome, attempts: int, channel: str, now: datetime, contacted: Any
-) -> _Change:
+def _add_outcome(
+    rt: Runtime,
+    out: _Outcomes,
+    outcome: Outcome,
+    channel: str,
+    attempts: int,
+    now: datetime,
+    overrides: str | None = None,
+) -> None:
     """The row change for a channel's answer; `attempts` counts this attempt."""
     if outcome.result == Result.SENT:
-        return _Change(
+        out.add(
             outcome.message_id,
             "sent",
-            channel=channel,
-            sent_at=now,
-            contacted_at=contacted,
+            channel,
+            attempts,
             provider_id=outcome.provider_id,
-            expected=attempts,
+            overrides=overrides,
         )
-    if outcome.result == Result.PERMANENT:
-        return _Change(
+    elif outcome.result == Result.PERMANENT:
+        out.add(
             outcome.message_id,
             "failed",
-            channel=channel,
+            channel,
+            attempts,
             reason=policy.Reason.PERMANENT_ERROR.value,
             error=outcome.error,
-            expected=attempts,
         )
-    if attempts >= rt.config.max_attempts:
-        return _Change(
+    elif attempts >= rt.config.max_attempts:
+        out.add(
             outcome.message_id,
             "dead",
-            channel=channel,
+            channel,
+            attempts,
             reason=policy.Reason.MAX_ATTEMPTS.value,
             error=outcome.error,
-            expected=attempts,
         )
-    wait = _backoff(rt.config, attempts, outcome.retry_after)
-    return _Change(
-        outcome.message_id,
-        "deferred",
-        channel=channel,
-        reason=policy.Reason.RETRY.value,
-        error=outcome.error,
-        not_before=now + timedelta(seconds=wait),
-        expected=attempts,
-    )
+    else:
+        wait = _backoff(rt.config, attempts, outcome.retry_after)
+        out.add(
+            outcome.message_id,
+            "deferred",
+            channel,
+            attempts,
+            reason=policy.Reason.RETRY.value,
+            error=outcome.error,
+            not_before=now + timedelta(seconds=wait),
+        )
 
 
-def _load_coupons(rt: Runtime, session: Session, ids: list[int]) -> dict[int, Mapping[str, Any]]:
+def _zones(rt: Runtime, session: Session) -> list[str]:
+    """Zone names PostgreSQL and zoneinfo both know (read once per process)."""
+    if rt.zones is None:
+        from zoneinfo import available_timezones
+
+        cursor = session.connection().connection.cursor()
+        cursor.execute("SELECT name FROM pg_timezone_names")
+        rt.zones = sorted({r[0] for r in cursor.fetchall()} & available_timezones() | {"UTC"})
+    return rt.zones
+
+
+def _load_coupons(rt: Runtime, session: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
     if not ids:
         return {}
     if rt.coupons_table is None:
-        rt.coupons_table = bool(
-            session.execute(
-                text(
-                    "SELECT to_regclass('coupons') IS NOT NULL "
-                    "AND to_regclass('coupon_templates') IS NOT NULL"
-                )
-            ).scalar()
+        cursor = session.connection().connection.cursor()
+        cursor.execute(
+            "SELECT to_regclass('coupons') IS NOT NULL "
+            "AND to_regclass('coupon_templates') IS NOT NULL"
         )
+        found = cursor.fetchone()
+        rt.coupons_table = bool(found and found[0])
     if not rt.coupons_table:
         return {}
-    return {row["id"]: dict(row) for row in session.execute(_COUPONS, {"ids": ids}).mappings()}
+    cursor = _run(session.connection(), _COUPONS_STATEMENT, {"ids": ids})
+    names = [d[0] for d in cursor.description]
+    return {row[0]: dict(zip(names, row, strict=True)) for row in cursor.fetchall()}
+
+
+def _context(
+    roots: frozenset[str], row: tuple[Any, ...], coupons: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
+    """Template variables (only `roots`) for a send row of `policy.chunk_sql`."""
+    coupon_id, timezone, attributes = row[4], row[18], row[22]
+    member = {
+        "external_id": row[12],
+        "name": row[13],
+        "gender": row[14],
+        "birth_date": row[15],
+        "email": row[16],
+        "phone": row[17],
+        "timezone": timezone,
+        "locale": row[19],
+        "tier": row[20],
+        "tags": row[21],
+        # Decoded only for templates that print the member.
+        "attributes": (
+            json.loads(attributes) if "member" in roots and attributes not in (None, "{}") else {}
+        ),
+        "store_code": row[23],
+        "store_name": row[24],
+        "region_name": row[25],
+    }
+    coupon = None
+    if coupon_id and "coupon" in roots:
+        found = coupons.get(coupon_id)
+        coupon = templates.coupon_context(found, timezone or "UTC") if found else None
+    message = {"id": row[1], "channel": row[6], "kind": row[7], "template": row[5]}
+    message["campaign_id"] = row[3]
+    payload = row[8] if isinstance(row[8], dict) else None
+    return templates.build_context(
+        member, coupon=coupon, payload=payload, message=message, roots=roots
+    )
 
 
 def _deliver_chunk(rt: Runtime, ids: list[int]) -> dict[str, int]:
     config = rt.config
     counts: dict[str, int] = defaultdict(int)
-    external: dict[str, list[tuple[Outgoing, int, Any]]] = defaultdict(list)
+    external: dict[str, list[Outgoing]] = defaultdict(list)
+    attempts_of: dict[int, int] = {}
+    done = _Outcomes()
     with Session(rt.engine) as session, session.begin():
-        rows: list[Any] = list(session.execute(_CLAIM, {"ids": ids}).mappings())
-        if not rows:
-            return counts
-        now = datetime.now(UTC)
-        member_ids = sorted({r["member_id"] for r in rows})
-        members: dict[int, Any] = {
-            m["id"]: dict(m) for m in session.execute(_MEMBERS, {"ids": member_ids}).mappings()
+        claimed = _run(session.connection(), _CLAIM_STATEMENT, {"ids": ids}).fetchone()[0]
+        if not claimed:
+            return {}
+        assert rt.chunk is not None
+        params: dict[str, Any] = {
+            "ids": claimed,
+            "now": datetime.now(UTC),
+            "lease": config.lease_seconds,
         }
-        longest = max((c.cap_days for c in config.channels.values()), default=7.0)
-        contacts: dict[int, dict[str, list[datetime]]] = defaultdict(lambda: defaultdict(list))
-        for member_id, channel, at in session.execute(
-            _CONTACTS, {"ids": member_ids, "since": now - timedelta(days=longest)}
-        ):
-            contacts[member_id][channel].append(at)
-        coupons = _load_coupons(
-            rt, session, sorted({r["coupon_id"] for r in rows if r["coupon_id"]})
-        )
-        variants = rt.variants.variants(session, {r["template"] for r in rows})
-
-        changes: list[_Change] = []
-        in_tx: dict[str, list[tuple[Outgoing, int, Any, str]]] = defaultdict(list)
-        lease = now + timedelta(seconds=config.lease_seconds)
+        if "%(zones)s" in rt.chunk.text:
+            params["zones"] = _zones(rt, session)
+        rows = _run(session.connection(), rt.chunk, params).fetchall()
+        sends = []
         for row in rows:
-            member = members[row["member_id"]]
-            decision = policy.decide(row, member, contacts[row["member_id"]], config, now)
-            if decision.action != "send":
-                status = "deferred" if decision.action == "defer" else "suppressed"
-                error = None
-                if status == "suppressed" and decision.reason in ("frequency_cap", "quiet_hours"):
-                    error = "the next allowed moment is after the offer expires"
-                changes.append(
-                    _Change(
-                        row["id"],
-                        status,
-                        channel=decision.channel,
-                        not_before=decision.not_before,
-                        reason=decision.reason,
-                        error=error,
-                    )
+            if row[0] == "send":
+                sends.append(row)
+            else:  # deferred or suppressed by the statement itself
+                counts[row[0]] += 1
+        coupons = _load_coupons(rt, session, sorted({r[4] for r in sends if r[4]}))
+        variants = rt.variants.variants(session, {r[5] for r in sends})
+        chosen: dict[tuple[str, str, str | None], templates.Variant | None] = {}
+        in_tx: dict[str, list[tuple[Outgoing, str | None]]] = defaultdict(list)
+        for row in sends:
+            message_id, member_id, campaign_id, _, template, channel, kind = row[1:8]
+            attempts, overrides, locale = row[9], row[10], row[19]
+            key = (template, channel, locale)
+            if key not in chosen:
+                chosen[key] = templates.choose(
+                    variants.get(template, []), channel, locale, config.default_locale
                 )
-                counts[status] += 1
-                continue
-            channel = decision.channel
-            assert channel is not None
-            variant = templates.choose(
-                variants.get(row["template"], []), channel, member["locale"], config.default_locale
-            )
+            variant = chosen[key]
             if variant is None:
-                changes.append(
-                    _Change(
-                        row["id"],
-                        "failed",
-                        channel=channel,
-                        reason=policy.Reason.TEMPLATE_MISSING.value,
-                        error=f"no variant of template {row['template']!r} for {channel}",
-                    )
+                done.add(
+                    message_id,
+                    "failed",
+                    channel,
+                    attempts - 1,
+                    reason=policy.Reason.TEMPLATE_MISSING.value,
+                    error=f"no variant of template {template!r} for {channel}",
                 )
-                counts["failed"] += 1
                 continue
-            coupon = templates.coupon_context(
-                coupons.get(row["coupon_id"]) if row["coupon_id"] else None,
-                member["timezone"] or "UTC",
-            )
-            context = templates.build_context(
-                member,
-                coupon=coupon,
-                payload=row["payload"],
-                message={**row, "channel": channel},
-            )
+            compiled = templates.compiled(variant)
             try:
-                subject, body = templates.render(variant, context)
+                subject, body = compiled.render(_context(compiled.roots, row, coupons))
             except Exception as exc:  # any template error: the message cannot be built
-                changes.append(
-                    _Change(
-                        row["id"],
-                        "failed",
-                        channel=channel,
-                        reason=policy.Reason.RENDER_ERROR.value,
-                        error=f"{type(exc).__name__}: {exc}",
-                    )
+                done.add(
+                    message_id,
+                    "failed",
+                    channel,
+                    attempts - 1,
+                    reason=policy.Reason.RENDER_ERROR.value,
+                    error=f"{type(exc).__name__}: {exc}",
                 )
-                counts["failed"] += 1
                 continue
-            marketing = row["kind"] == "marketing"
-            contacted = now if marketing else None
-            if marketing:
-                # Later messages of this chunk for the member see this slot as taken.
-                contacts[row["member_id"]][channel].append(now)
             outgoing = Outgoing(
-                message_id=row["id"],
+                message_id=message_id,
                 channel=channel,
-                to=policy.contact_point(channel, member) or "",
+                to=row[11] or "",
                 subject=subject,
                 body=body,
-                member_id=row["member_id"],
-                member_external_id=member["external_id"],
-                campaign_id=row["campaign_id"],
-                template=row["template"],
+                member_id=member_id,
+                member_external_id=row[12],
+                campaign_id=campaign_id,
+                template=template,
                 locale=variant.locale,
-                kind=row["kind"],
-                payload=dict(row["payload"] or {}),
+                kind=kind,
+                payload=row[8] if isinstance(row[8], dict) else {},
             )
-            attempts = row["attempts"] + 1
-            overrides = ",".join(decision.overrides)
-            if rt.channels[channel].in_transaction:
-                in_tx[channel].append((outgoing, attempts, contacted, overrides))
-                continue
-            external[channel].append((outgoing, attempts, contacted))
-            changes.append(
-                _Change(
-                    row["id"],
-                    "sending",
-                    channel=channel,
-                    overrides=overrides,
-                    attempt=1,
-                    lease_until=lease,
-                    contacted_at=contacted,
-                )
-            )
-        # Channels that complete inside this transaction (log, no-op, call-centre tasks).
+            attempts_of[message_id] = attempts
+            if channel in rt.external:
+                external[channel].append(outgoing)
+            else:
+                in_tx[channel].append((outgoing, overrides))
+        # Channels that complete inside this transaction (log, no-op, call-centre tasks):
+        # their effect and the recorded outcome commit together.
+        now = datetime.now(UTC)
         for channel, pending in in_tx.items():
             outcomes = rt.channels[channel].send_many([p[0] for p in pending], session=session)
-            for (_, attempts, contacted, overrides), outcome in zip(pending, outcomes, strict=True):
-                change = _outcome_change(rt, outcome, attempts, channel, now, contacted)
-                change.attempt = 1
-                change.overrides = overrides
-                changes.append(change)
-                counts[change.status] += 1
-        if changes:
-            session.execute(_APPLY, _params(changes))
+            for (_, overrides), outcome in zip(pending, outcomes, strict=True):
+                attempts = attempts_of[outcome.message_id]
+                _add_outcome(rt, done, outcome, channel, attempts, now, overrides)
+        if done:
+            _run(session.connection(), _APPLY, done.params())
+        for status, count in done.counts().items():
+            counts[status] += count
 
     for channel, items in external.items():
-        for status, count in _send_external(rt, channel, items).items():
+        for status, count in _send_external(rt, channel, items, attempts_of).items():
             counts[status] += count
-    return counts
+    return dict(counts)
 
 
 def _send_external(
-    rt: Runtime, channel: str, items: list[tuple[Outgoing, int, Any]]
+    rt: Runtime, channel: str, items: list[Outgoing], attempts_of: dict[int, int]
 ) -> dict[str, int]:
-    """Send outside any transaction; record outcomes in small groups as they arrive.
+    """Send outside any transaction; record outcomes as they arrive, in groups.
 
-    Recording every `concurrency` outcomes bounds what a killed worker leaves
-    ambiguous (sent, not recorded: resent after the lease with the same key) to
-    at most 2 × concurrency messages, at one small UPDATE per group.
+    Whatever answers arrived while the previous group was being written goes into the
+    next UPDATE (group commit): one statement per group however fast the provider is,
+    and a killed worker leaves unrecorded (sent, then resent after the lease with the
+    same idempotency key) only the sends in flight plus one group.
     """
     counts: dict[str, int] = defaultdict(int)
     settings = rt.config.channels[channel]
-    by_id = {o.message_id: (attempts, contacted) for o, attempts, contacted in items}
-    pending = [o for o, _, _ in items]
-    group = max(1, settings.concurrency)
+    sender = rt.channels[channel]
+    pending = list(items)
     while pending:
         take = len(pending)
         if settings.rate > 0 and rt.limiter is not None:
@@ -617,40 +703,26 @@ def _send_external(
             if take == 0:
                 continue
         batch, pending = pending[:take], pending[take:]
-        done: list[Outcome] = []
-        for outcome in rt.channels[channel].send_iter(batch):
-            done.append(outcome)
-            if len(done) >= group:
-                _record(rt, channel, done, by_id, counts)
-                done = []
-        if done:
-            _record(rt, channel, done, by_id, counts)
+        for arrived in sender.send_groups(batch):
+            out = _Outcomes()
+            now = datetime.now(UTC)
+            for outcome in arrived:
+                _add_outcome(rt, out, outcome, channel, attempts_of[outcome.message_id], now)
+            _record(rt, channel, out)
+            for status, count in out.counts().items():
+                counts[status] += count
     return counts
 
 
-def _record(
-    rt: Runtime,
-    channel: str,
-    outcomes: list[Outcome],
-    by_id: dict[int, tuple[int, Any]],
-    counts: dict[str, int],
-) -> None:
-    now = datetime.now(UTC)
-    changes = [
-        _outcome_change(rt, o, by_id[o.message_id][0], channel, now, by_id[o.message_id][1])
-        for o in outcomes
-    ]
-    with Session(rt.engine) as session, session.begin():
-        result: Any = session.execute(_RECORD, _params(changes))
-        recorded = result.rowcount
-    if recorded != len(changes):
+def _record(rt: Runtime, channel: str, out: _Outcomes) -> None:
+    with rt.engine.begin() as conn:
+        recorded = _run(conn, _RECORD, out.params()).rowcount
+    if recorded != len(out):
         log.warning(
             "%d outcomes on %s arrived after their lease was taken over",
-            len(changes) - recorded,
+            len(out) - recorded,
             channel,
         )
-    for change in changes:
-        counts[change.status] += 1
 
 
 def queue_metrics(connection: redis.Redis, config: MessagingConfig) -> dict[str, Any]:

@@ -12,6 +12,7 @@ are joined back to the members in one UPDATE (no per-member Python).
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from datetime import date
@@ -26,12 +27,18 @@ from segments.config import ScoringConfig
 
 log = logging.getLogger(__name__)
 
+# (x, t_x, T) packed into one integer: a one-column join the planner estimates well (with
+# three columns it assumes independence, underestimates ~60x and picks nested loops).
+# Days stay below 2^20 (2,870 years) and x below 2^23.
+_COMBO = "(CAST(x AS bigint) << 40) | (CAST(t_x AS bigint) << 20) | big_t"
+
 # Per member, once per run: the churn inputs in days, from local first / last purchase days
 # (one time zone conversion each, not one per use) and the mean spend per purchase. The
 # statements below (the distinct combinations, the spend summary, the write-back) read this
 # small table instead of recomputing the expressions over member_stats three times.
-_KEYS = """
+_KEYS = f"""
     CREATE TEMPORARY TABLE patron_churn_keys ON COMMIT DROP AS
+    SELECT *, {_COMBO} AS combo FROM (
     SELECT member_id,
            GREATEST(purchase_days - 1, 0) AS x,
            CASE WHEN purchase_days > 1 THEN last_day - first_day ELSE 0 END AS t_x,
@@ -49,6 +56,7 @@ _KEYS = """
         FROM member_stats s JOIN members mb ON mb.id = s.member_id
         WHERE mb.status = 'active' AND s.last_purchase_at IS NOT NULL
     ) d
+    ) k
 """
 
 _COMBOS = "SELECT x, t_x, big_t, count(*) AS n FROM patron_churn_keys GROUP BY 1, 2, 3"
@@ -62,11 +70,7 @@ _SPEND = (
 # population mean p v / (q - 1) where x = 0). Rows already holding these values are not
 # rewritten (a re-run of a date writes nothing).
 _WRITE = """
-    WITH c AS (
-        SELECT * FROM unnest(CAST(:xs AS integer[]), CAST(:txs AS integer[]),
-                             CAST(:ts AS integer[]), CAST(:ps AS numeric[]),
-                             CAST(:es AS numeric[])) AS c(x, t_x, big_t, p_alive, expected)
-    ), fresh AS (
+    WITH fresh AS (
         SELECT k.member_id, c.p_alive, c.expected,
                CASE WHEN :gg_ok THEN
                     -- round(double precision) would round to a whole unit: cents need numeric.
@@ -77,7 +81,7 @@ _WRITE = """
                                              + CAST(:gq AS double precision) - 1, 0)
                                     AS numeric), 2) AS numeric(14, 2))
                END AS expected_value
-        FROM patron_churn_keys k JOIN c USING (x, t_x, big_t)
+        FROM patron_churn_keys k JOIN patron_churn_predictions c ON c.combo = k.combo
     )
     UPDATE member_scores sc SET
         p_alive = f.p_alive, expected_purchases_90d = f.expected,
@@ -146,25 +150,60 @@ def score_churn(session: Session, as_of: date, config: ScoringConfig) -> dict[st
     gg = _fit_spend(session, as_of, config)
     result["gamma_gamma"] = gg
     gg_ok = "p" in gg and gg["q"] > 1
+    _load_predictions(session, data, p_alive, expected)
     session.execute(text("SET LOCAL work_mem = '128MB'"))
+    session.execute(text("SET LOCAL jit = off"))
+    # The planner underestimates the three-column join of keys and predictions (it assumes
+    # the columns independent) by ~60x and then probes member_scores' index once per member:
+    # hash joins, with a sequential pass over member_scores, cost a fraction of that.
+    session.execute(text("SET LOCAL enable_nestloop = off"))
     session.execute(
         text(_WRITE),
         {
             "as_of": as_of,
-            "xs": data["x"].astype(int).tolist(),
-            "txs": data["t_x"].astype(int).tolist(),
-            "ts": data["T"].astype(int).tolist(),
-            "ps": [None if math.isnan(v) else round(float(v), 5) for v in p_alive],
-            "es": [None if math.isnan(v) else round(float(v), 4) for v in expected],
             "gg_ok": gg_ok,
             "gp": gg.get("p", 1.0),
             "gq": gg.get("q", 2.0),
             "gv": gg.get("v", 1.0),
         },
     )
+    session.execute(text("RESET enable_nestloop"))
     session.execute(text(_CLEAR), {"as_of": as_of})
     session.execute(text("DROP TABLE patron_churn_keys"))
+    session.execute(text("DROP TABLE patron_churn_predictions"))
     return result
+
+
+def _column(values: np.ndarray, digits: int) -> list[str]:
+    return [r"\N" if math.isnan(v) else f"{v:.{digits}f}" for v in values.tolist()]
+
+
+def _load_predictions(
+    session: Session, data: dict[str, Any], p_alive: np.ndarray, expected: np.ndarray
+) -> None:
+    """The predictions per (x, t_x, T) into a temporary table, by COPY.
+
+    Hundreds of thousands of rows as array parameters cost seconds of literal parsing and
+    planning (the arrays are inlined), and the planner cannot estimate a join with them;
+    COPY plus ANALYZE gives a hash join on known sizes.
+    """
+    session.execute(text("DROP TABLE IF EXISTS pg_temp.patron_churn_predictions"))
+    session.execute(
+        text(
+            "CREATE TEMPORARY TABLE patron_churn_predictions (combo bigint,"
+            " p_alive numeric(6, 5), expected numeric(10, 4)) ON COMMIT DROP"
+        )
+    )
+    combo = (
+        (data["x"].astype(np.int64) << 40)
+        | (data["t_x"].astype(np.int64) << 20)
+        | data["T"].astype(np.int64)
+    )
+    columns = zip(combo.tolist(), _column(p_alive, 5), _column(expected, 4), strict=True)
+    buffer = io.StringIO("".join(f"{c}\t{p}\t{e}\n" for c, p, e in columns))
+    cursor = session.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor.copy_expert("COPY patron_churn_predictions FROM STDIN", buffer)
+    session.execute(text("ANALYZE patron_churn_predictions"))
 
 
 def _fit_spend(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:

@@ -129,6 +129,10 @@ def _above(column: str, name: str) -> str:
 
 def score_members(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
     """Write R, F, M and the named segment of every member (set-based); returns the cut points."""
+    # Million-row passes: JIT compilation costs more than it saves, and the sorts and hash
+    # joins want more than the 4 MB default.
+    session.execute(text("SET LOCAL jit = off"))
+    session.execute(text("SET LOCAL work_mem = '64MB'"))
     cuts = compute_cut_points(session, as_of, config)
     params: dict[str, Any] = {
         "as_of": as_of,

@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from typing import IO, Any, cast
 from zoneinfo import available_timezones
@@ -498,6 +499,9 @@ _WORK_TABLES = (
 
 class _Run:
     """One import: staging, validation, merge and the reject file, on one connection."""
+
+    # Transactions only: set before the merge.
+    windows: _Windows
 
     def __init__(
         self,
@@ -1240,8 +1244,31 @@ def _resolve_refunds(run: _Run) -> None:
     run.sql("ANALYZE {links}")
 
 
+# Rolling windows (30/90/365 days), distinct purchase days and the median gap between
+# them, for members who had no statistics row before this import: all their purchases
+# are in the statement's RETURNING rows, so they come out of the same GROUP BY as the
+# lifetime figures instead of a second pass over transactions afterwards. The
+# definitions are those of segments.stats (a test compares the two on every import):
+# spend is net of what has been refunded, days are local days in the business time
+# zone, gaps are between consecutive distinct purchase days. Members that already had
+# a row are rebuilt from all their transactions after the merge.
+_WINDOW_VALUES = (
+    ", ".join(
+        f"count(*) FILTER (WHERE kind = 'purchase' AND occurred_at >= :s{n})" for n in (30, 90, 365)
+    )
+    + ", "
+    + ", ".join(
+        "COALESCE(sum(amount - refunded_amount)"
+        f" FILTER (WHERE kind = 'purchase' AND occurred_at >= :s{n}), 0)"
+        for n in (30, 90, 365)
+    )
+    + ", count(*) FILTER (WHERE kind = 'purchase' AND (gap IS NULL OR gap > 0)),"
+    " CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY gap)"
+    "   FILTER (WHERE kind = 'purchase' AND gap > 0) AS numeric(8, 1))"
+)
+
 _TX_INSERT = (
-    "WITH ins AS ("
+    "WITH ins AS ("  # noqa: S608
     " INSERT INTO transactions (id, external_id, kind, member_id, store_id, channel,"
     "   occurred_at, amount, currency, items, original_id, refunded_amount)"
     " SELECT COALESCE(l.new_id, nextval('{idseq}'::regclass)),"
@@ -1250,10 +1277,18 @@ _TX_INSERT = (
     " FROM {valid} v LEFT JOIN {links} l ON l.line = v.line"
     " WHERE v.error IS NULL AND NOT v.present AND NOT v.skip"
     " {conflict}"
-    " RETURNING member_id, kind, amount, occurred_at),"
+    " RETURNING member_id, kind, amount, refunded_amount, occurred_at),"
+    # The gap from each purchase's local day to the previous purchase's (refunds are
+    # their own partition and only counted as lifetime figures).
+    " gaps AS ("
+    " SELECT member_id, kind, amount, refunded_amount, occurred_at,"
+    "   day - lag(day) OVER (PARTITION BY member_id, kind ORDER BY occurred_at) AS gap"
+    " FROM (SELECT *, CAST(timezone(:tz, occurred_at) AS date) AS day FROM ins) d),"
     " stats AS ("
     " INSERT INTO member_stats AS ms (member_id, first_purchase_at, last_purchase_at,"
-    "   purchase_count, purchase_amount, refund_count, refund_amount, net_spend, updated_at)"
+    "   purchase_count, purchase_amount, refund_count, refund_amount, net_spend, updated_at,"
+    "   purchases_30d, purchases_90d, purchases_365d, spend_30d, spend_90d, spend_365d,"
+    "   purchase_days, median_interpurchase_days)"
     " SELECT member_id,"
     "   min(occurred_at) FILTER (WHERE kind = 'purchase'),"
     "   max(occurred_at) FILTER (WHERE kind = 'purchase'),"
@@ -1262,9 +1297,9 @@ _TX_INSERT = (
     "   count(*) FILTER (WHERE kind = 'refund'),"
     "   COALESCE(sum(amount) FILTER (WHERE kind = 'refund'), 0),"
     "   COALESCE(sum(CASE WHEN kind = 'purchase' THEN amount ELSE -amount END), 0),"
-    "   now()"
-    " FROM ins GROUP BY member_id"
-    # The per-event arithmetic, applied to all of a member's new rows at once.
+    "   now(), " + _WINDOW_VALUES + " FROM gaps GROUP BY member_id"
+    # The per-event arithmetic, applied to all of a member's new rows at once. Windows
+    # and purchase days of such a member are rebuilt after this statement.
     " ON CONFLICT (member_id) DO UPDATE SET"
     "   first_purchase_at = LEAST(ms.first_purchase_at, EXCLUDED.first_purchase_at),"
     "   last_purchase_at = GREATEST(ms.last_purchase_at, EXCLUDED.last_purchase_at),"
@@ -1274,7 +1309,7 @@ _TX_INSERT = (
     "   refund_amount = ms.refund_amount + EXCLUDED.refund_amount,"
     "   net_spend = ms.net_spend + EXCLUDED.net_spend,"
     "   updated_at = now()"
-    " RETURNING member_id),"
+    " RETURNING member_id, xmax = 0 AS created),"
     # The referenced members are locked as the RI triggers lock them (FOR KEY SHARE),
     # but once per member rather than once per inserted row.
     " members_locked AS ("
@@ -1283,7 +1318,8 @@ _TX_INSERT = (
     " counted AS ("
     " SELECT count(*) AS n, count(*) FILTER (WHERE kind = 'refund') AS refunds FROM ins)"
     " SELECT counted.n, counted.refunds,"
-    "   (SELECT count(*) FROM stats) - (SELECT count(*) FROM members_locked)"
+    "   (SELECT count(*) FROM stats) - (SELECT count(*) FROM members_locked),"
+    "   (SELECT array_agg(member_id) FROM stats WHERE NOT created)"
     " FROM counted"
 )
 
@@ -1339,10 +1375,11 @@ def _merge_transactions(run: _Run, *, dedupe: bool) -> None:
         run.sql("SET LOCAL session_replication_role = replica")
     conflict = "ON CONFLICT (external_id) DO NOTHING" if dedupe else ""
     with run.timed("merge"):
-        row = run.sql(_TX_INSERT.replace("{conflict}", conflict)).one()
+        row = run.sql(_TX_INSERT.replace("{conflict}", conflict), **run.windows.params()).one()
     if fast_keys:
         run.sql("SET LOCAL session_replication_role = origin")
-    inserted, refunds, lost_members = (int(x) for x in row)
+    inserted, refunds, lost_members = (int(x) for x in row[:3])
+    run.windows.stale = [int(i) for i in row[3] or ()]
     if lost_members:
         raise ImportFailed("members were deleted during the import; run it again")
     if refunds != expected_refunds:
@@ -1363,10 +1400,38 @@ _TX_COMPARED = (
 )
 
 
+@dataclass
+class _Windows:
+    """The window state the merge computes new members' windows for, and who needs more."""
+
+    as_of: date
+    timezone: str
+    starts: dict[int, datetime]
+    # Members whose statistics row existed before the import: rebuilt afterwards.
+    stale: list[int] = field(default_factory=list)
+
+    @classmethod
+    def locked(cls, conn: Connection) -> _Windows:
+        """The stored state, locked until commit so the daily ageing cannot interleave."""
+        from segments.config import ScoringConfig
+        from segments.stats import current_state, local_today, window_starts
+
+        state = current_state(conn, lock=True)
+        tz = state.timezone if state else ScoringConfig.from_env().timezone
+        # Before the first refresh the rebuild after the merge stores this state.
+        as_of = state.as_of if state else local_today(tz)
+        return cls(as_of, tz, window_starts(as_of, tz))
+
+    def params(self) -> dict[str, Any]:
+        """Bind parameters of _TX_INSERT."""
+        return {"tz": self.timezone, **{f"s{n}": start for n, start in self.starts.items()}}
+
+
 def _import_transactions(run: _Run) -> None:
     run.names["idseq"] = str(
         run.sql("SELECT pg_get_serial_sequence('transactions', 'id')").scalar_one()
     )
+    run.windows = _Windows.locked(run.conn)
     run.create_lookups()
     run.validate(_transactions_sql(run.currency), ["items"])
     # Optimistic: a file without repeated ids (the normal case) needs no duplicate scan.
@@ -1383,21 +1448,20 @@ def _import_transactions(run: _Run) -> None:
 
 
 def _refresh_windows(run: _Run) -> None:
-    # The rolling windows (30/90/365 days) of the members who got transactions, in the
-    # same transaction as the import, so nothing reads half-updated statistics.
+    # Members who had statistics before get windows and purchase days recomputed from
+    # all their transactions, in the import's transaction; the merge wrote everyone
+    # else's. This also stores the window state if there was none yet.
     from segments.stats import rebuild_windows
 
     if not run.report.inserted:
         return
-    ids = (
-        run.sql(
-            "SELECT DISTINCT member_pk FROM {valid} WHERE error IS NULL AND member_pk IS NOT NULL"
-        )
-        .scalars()
-        .all()
-    )
     with run.timed("windows"):
-        rebuild_windows(run.conn, member_ids=[int(i) for i in ids])
+        rebuild_windows(
+            run.conn,
+            run.windows.as_of,
+            member_ids=run.windows.stale,
+            timezone=run.windows.timezone,
+        )
 
 
 def _import_members(run: _Run) -> None:

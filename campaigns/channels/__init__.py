@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import enum
 import logging
+import queue
+import threading
+import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +68,9 @@ class Outcome:
     retry_after: float | None = None
 
 
+_TIMEOUT: Any = object()
+
+
 class Channel:
     """Base class: subclasses implement `send_one`; `send_many` adds concurrency."""
 
@@ -89,19 +95,76 @@ class Channel:
             )
         return list(self._pool.map(self._safe, messages))
 
-    def send_iter(self, messages: Sequence[Outgoing]) -> Iterator[Outcome]:
-        """Outcomes in completion order, so the caller can record them as they arrive."""
+    def send_groups(
+        self, messages: Sequence[Outgoing], *, group: int = 0, max_wait: float = 0.05
+    ) -> Iterator[list[Outcome]]:
+        """Outcomes in groups as they arrive, so the caller can record each group in one
+        statement: a group closes at `group` outcomes (default: the concurrency), after
+        `max_wait` seconds since its first outcome, or when nothing is left in flight.
+
+        `concurrency` threads each take the next message and send it until none is left
+        (no future per message: on loopback that bookkeeping costs as much as the send).
+        At most 2 × concurrency outcomes are ever unrecorded (in flight, or answered but
+        not yet handed back recorded): a sender waits for the caller to catch up, which
+        bounds what a killed worker can leave sent but unrecorded.
+        """
         if len(messages) <= 1 or self.settings.concurrency <= 1:
             for m in messages:
-                yield self._safe(m)
+                yield [self._safe(m)]
             return
         if self._pool is None:
             self._pool = ThreadPoolExecutor(
                 max_workers=self.settings.concurrency, thread_name_prefix=f"send-{self.name}"
             )
-        futures = [self._pool.submit(self._safe, m) for m in messages]
-        for future in as_completed(futures):
-            yield future.result()
+        source = iter(messages)
+        arrived: queue.SimpleQueue[Outcome | None] = queue.SimpleQueue()
+        window = 2 * self.settings.concurrency
+        permits = threading.Semaphore(window)
+        stop = threading.Event()
+
+        def drain() -> None:
+            try:
+                for message in source:  # one iterator shared by the threads
+                    permits.acquire()
+                    if stop.is_set():
+                        break
+                    arrived.put(self._safe(message))
+            finally:
+                arrived.put(None)  # this thread is done
+
+        senders = min(self.settings.concurrency, len(messages))
+        for _ in range(senders):
+            self._pool.submit(drain)
+        size = group or self.settings.concurrency
+        ready: list[Outcome] = []
+        opened = 0.0
+        try:
+            while senders:
+                try:
+                    timeout = None if not ready else max(0.0, opened + max_wait - time.monotonic())
+                    item = arrived.get(timeout=timeout)
+                except queue.Empty:
+                    item = _TIMEOUT
+                if item is None:
+                    senders -= 1
+                elif item is not _TIMEOUT:
+                    if not ready:
+                        opened = time.monotonic()
+                    ready.append(item)
+                if ready and (
+                    len(ready) >= size or not senders or time.monotonic() - opened >= max_wait
+                ):
+                    yield ready  # back here once the caller recorded them
+                    for _ in ready:
+                        permits.release()
+                    ready = []
+            if ready:
+                yield ready
+        finally:
+            # The caller stopped early (an error): let the senders finish without sending.
+            stop.set()
+            for _ in range(window):
+                permits.release()
 
     def _safe(self, message: Outgoing) -> Outcome:
         try:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 from flask.testing import FlaskClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from jinja2.exceptions import SecurityError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from campaigns.templates import Variant, render, template_exists
+from campaigns.templates import _ENV, Compiled, Fast, Variant, render, template_exists
 from service.models import AuditEntry, Member
 from tests.conftest import KeyFactory, unique
 
@@ -116,3 +118,65 @@ def test_preview_renders_for_a_member_in_their_locale(
         headers=headers,
     )
     assert no_email.status_code == 422 and "channel" in no_email.json["errors"]
+
+
+# --- the fast renderer agrees with Jinja -----------------------------------------------
+
+_TEXT = st.text(alphabet=st.characters(blacklist_characters="{}%#"), max_size=8)
+_KEYS = st.sampled_from(["name", "code", "x", "items", "0", "_y", "keys"])
+_PATHS = st.tuples(
+    st.sampled_from(["member", "coupon", "extra", "store", "undeclared"]),
+    st.lists(st.tuples(st.booleans(), _KEYS | st.integers(0, 2)), max_size=3),
+)
+_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.text(max_size=5) | st.decimals(places=2),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(_KEYS, inner, max_size=3),
+    max_leaves=8,
+)
+
+
+def _expression(root: str, steps: list[tuple[bool, object]]) -> str:
+    out = root
+    for attribute, key in steps:
+        if attribute and isinstance(key, str) and key.isidentifier():
+            out += f".{key}"
+        else:
+            out += f"[{key!r}]"
+    return out
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    parts=st.lists(st.one_of(_TEXT, _PATHS), max_size=6),
+    trim=st.booleans(),
+    context=st.dictionaries(
+        st.sampled_from(["member", "coupon", "extra", "store"]), _VALUES, max_size=4
+    ),
+)
+def test_fast_renderer_prints_what_jinja_prints_or_leaves_it_to_jinja(parts, trim, context):
+    """Text and `{{ a.b['c'] }}` templates render without Jinja; the result (or the error)
+    is exactly Jinja's, whatever the values: missing keys, lists, dict method names."""
+    source = "".join(
+        p if isinstance(p, str) else ("{{- " if trim else "{{ ") + _expression(*p) + " }}"
+        for p in parts
+    )
+    variant = Variant(1, 1, "t", "sms", "en", source, source + "\n")
+    jinja = (_ENV.from_string(variant.subject), _ENV.from_string(variant.body))
+    try:
+        expected: object = (jinja[0].render(context).strip(), jinja[1].render(context))
+    except Exception as exc:  # StrictUndefined, sandbox refusals
+        expected = type(exc)
+    try:
+        got: object = Compiled(variant).render(context)
+    except Exception as exc:
+        got = type(exc)
+    assert got == expected
+
+
+def test_plain_templates_take_the_fast_path_and_others_do_not():
+    assert Fast.compile("{{ member.name }}，券 {{ coupon['code'] }} {{ extra.a.b }}") is not None
+    for source in ("{% if tier.name %}x{% endif %}", "{{ coupon.code | upper }}", "{{ 1 }}"):
+        assert Fast.compile(source) is None, source
+    fast = Fast.compile("Hi {{ member.name }}")
+    assert fast is not None and fast.roots == {"member"}
+    assert fast.render({"member": {"name": None}}) == "Hi "
