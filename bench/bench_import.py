@@ -18,6 +18,9 @@ and prints the rows per second of both and their ratio. ``--ceiling`` adds (c): 
 ``INSERT … SELECT`` of the imported rows into an empty copy of ``transactions`` with
 the same indexes (no foreign keys, nothing validated) — the cost of merely writing
 the rows into a table shaped like the real one, which no importer can beat.
+``--indexes`` writes the same rows into tables with one index of ``transactions``
+after another (and a BRIN on occurred_at instead of its btree), printing seconds and
+WAL bytes per row of each: what each index costs on the import path.
 """
 
 from __future__ import annotations
@@ -137,6 +140,64 @@ def ceiling(url: str) -> tuple[int, float]:
     return int(rows), seconds
 
 
+# Destination-table variants for --indexes: what each index of transactions costs when
+# the same rows are written, and whether a BRIN on occurred_at could replace the btree.
+INDEX_VARIANTS: dict[str, tuple[str, ...]] = {
+    "heap only": (),
+    "primary key": ("pk",),
+    "+ unique external_id": ("pk", "ext"),
+    "+ (member_id, occurred_at)": ("pk", "ext", "mo"),
+    "+ partial idempotency_key (as migrated, minus occurred_at)": ("pk", "ext", "mo", "idem"),
+    "+ btree occurred_at (= transactions today)": ("pk", "ext", "mo", "idem", "occ"),
+    "+ BRIN occurred_at instead": ("pk", "ext", "mo", "idem", "brin"),
+}
+INDEX_DDL = {
+    "pk": "ALTER TABLE bench_idx ADD PRIMARY KEY (id)",
+    "ext": "ALTER TABLE bench_idx ADD UNIQUE (external_id)",
+    "mo": "CREATE INDEX ON bench_idx (member_id, occurred_at)",
+    "idem": "CREATE UNIQUE INDEX ON bench_idx (idempotency_key) WHERE idempotency_key IS NOT NULL",
+    "occ": "CREATE INDEX ON bench_idx (occurred_at)",
+    "brin": "CREATE INDEX ON bench_idx USING brin (occurred_at)",
+}
+
+
+def index_costs(url: str) -> list[str]:
+    """Write the imported rows (in import order) into tables with each index set."""
+    conn = _psycopg(url)
+    lines = []
+    try:
+        with conn.cursor() as cur:
+            for name, indexes in INDEX_VARIANTS.items():
+                cur.execute("DROP TABLE IF EXISTS bench_idx")
+                cur.execute(
+                    "CREATE TABLE bench_idx"
+                    " (LIKE transactions INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+                )
+                for index in indexes:
+                    cur.execute(INDEX_DDL[index])
+                conn.commit()
+                cur.execute("CHECKPOINT")
+                cur.execute("SELECT pg_current_wal_lsn()")
+                lsn = cur.fetchone()[0]
+                conn.commit()
+                began = time.perf_counter()
+                cur.execute("INSERT INTO bench_idx SELECT * FROM transactions ORDER BY id")
+                rows = cur.rowcount
+                conn.commit()
+                seconds = time.perf_counter() - began
+                cur.execute("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s)", (lsn,))
+                wal = float(cur.fetchone()[0])
+                lines.append(
+                    f"    {name:60s} {seconds:6.1f} s  {wal / max(rows, 1):5.0f} WAL bytes/row"
+                )
+                _log(lines[-1])
+            cur.execute("DROP TABLE IF EXISTS bench_idx")
+            conn.commit()
+    finally:
+        conn.close()
+    return lines
+
+
 def verify(url: str) -> bool:
     """Statistics written by the import equal a rebuild from the transactions (bench DB only)."""
     engine = create_engine(normalise_url(url))
@@ -171,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-process", action="store_true", help="call run_import directly")
     parser.add_argument("--ceiling", action="store_true", help="also time (c), see above")
     parser.add_argument("--verify", action="store_true", help="compare stats with a rebuild")
+    parser.add_argument(
+        "--indexes",
+        action="store_true",
+        help="also write the imported rows into tables with each set of indexes",
+    )
     parser.add_argument(
         "--copies",
         type=int,
@@ -242,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.verify:
             lines.append(f"member_stats equal a rebuild: {verify(url)}")
+        if args.indexes:
+            lines.append("INSERT…SELECT of the imported rows, by indexes on the target:")
+            lines.extend(index_costs(url))
         lines.append(f"command: {command}")
         print("\n".join(lines), flush=True)
     finally:

@@ -444,6 +444,10 @@ _ISSUE = text(
 )
 
 
+# The issue statement, for callers that hold the template already (the campaign engine).
+ISSUE_STATEMENT = _ISSUE
+
+
 def issue_coupon(
     session: Session,
     *,

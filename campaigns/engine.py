@@ -16,6 +16,7 @@ written in the caller's transaction.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import threading
 from collections.abc import Mapping
@@ -40,13 +41,15 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy import insert as insert_into
-from sqlalchemy.dialects.postgresql import BIT, insert
+from sqlalchemy.dialects.postgresql import BIT
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from campaigns.definition import EVENT_TRIGGERS
-from campaigns.models import Campaign, Decision, Reason, Status
+from campaigns.models import Campaign, Reason, Status
 from rules import Rule, Scope, SqlContext, compile_py, compile_sql, explain, parse_rule
 from rules.compile_py import PythonPredicate
+from service.db import execute_prepared
 from service.models import Member
 from service.vocabulary import default_vocabulary, load_member_facts
 
@@ -262,6 +265,10 @@ class _Cache:
             self._generation, self._campaigns = generation, compiled
         return compiled
 
+    @property
+    def generation(self) -> str | None:
+        return self._generation
+
     def clear(self) -> None:
         with self._lock:
             self._generation, self._campaigns = None, ()
@@ -337,6 +344,12 @@ _CLAIMED_BY = text(
     "SELECT c.name FROM exclusivity_claims x JOIN campaigns c ON c.id = x.campaign_id "
     "WHERE x.group_name = :g AND x.member_id = :m AND x.bucket = :b"
 )
+_UNGRANT = text(
+    "DELETE FROM campaign_grants WHERE campaign_id = :c AND member_id = :m AND bucket = :b"
+)
+_UNCLAIM = text(
+    "DELETE FROM exclusivity_claims WHERE group_name = :g AND member_id = :m AND bucket = :b"
+)
 _SPEND_BUDGET = text(
     """
     UPDATE campaigns SET issued_coupons = issued_coupons + :n, issued_value = issued_value + :v
@@ -348,50 +361,49 @@ _SPEND_BUDGET = text(
 )
 
 
+def _undo(
+    session: Session, c: Compiled, member_id: int, cap: str | None, group: str | None
+) -> None:
+    # Compensation inside the same transaction: these rows were inserted by it a moment ago.
+    if cap is not None:
+        execute_prepared(session, _UNGRANT, {"c": c.id, "m": member_id, "b": cap})
+    if group is not None:
+        execute_prepared(session, _UNCLAIM, {"g": c.group, "m": member_id, "b": group})
+
+
 def _reserve(
     session: Session, c: Compiled, member_id: int, zone: str | None, now: datetime, period: str
 ) -> tuple[str | None, dict[str, Any]]:
-    """Cap, exclusivity and budget, each by one statement, all undone together on failure."""
-    with session.begin_nested() as savepoint:
+    """Cap, exclusivity and budget, each one conditional statement (none for a campaign
+    without cap, group or budget); a later refusal deletes what the earlier ones wrote."""
+    cap_bucket: str | None = None
+    if c.cap_period != "evaluation":
+        # Without a cap the decision's own unique key (campaign × member × evaluation)
+        # is the only limit, so no grant row is needed.
         cap_bucket = bucket(c.cap_period, zone, now, period)
-        if (
-            session.execute(
-                _GRANT, {"c": c.id, "m": member_id, "b": cap_bucket, "now": now}
-            ).first()
-            is None
-        ):
-            savepoint.rollback()
+        params = {"c": c.id, "m": member_id, "b": cap_bucket, "now": now}
+        if execute_prepared(session, _GRANT, params) is None:
             return Reason.CAP_REACHED.value, {"cap": c.cap_period, "bucket": cap_bucket}
-        if c.group is not None:
-            group_bucket = bucket(c.group_period, zone, now, period)
-            params = {"g": c.group, "m": member_id, "b": group_bucket}
-            if (
-                session.execute(_CLAIM, {**params, "c": c.id, "p": c.priority, "now": now}).first()
-                is None
-            ):
-                winner = session.execute(_CLAIMED_BY, params).scalar()
-                savepoint.rollback()
-                return Reason.LOST_TO_HIGHER_PRIORITY.value, {
-                    "group": c.group,
-                    "bucket": group_bucket,
-                    "won_by": winner,
-                }
-        if c.has_budget:
-            coupons = 1 if "coupon" in c.actions else 0
-            spent = session.execute(
-                _SPEND_BUDGET, {"c": c.id, "n": coupons, "v": c.face_value if coupons else 0}
-            ).first()
-            if spent is None:
-                savepoint.rollback()
-                return Reason.BUDGET_EXHAUSTED.value, {}
+    group_bucket: str | None = None
+    if c.group is not None:
+        group_bucket = bucket(c.group_period, zone, now, period)
+        params = {"g": c.group, "m": member_id, "b": group_bucket}
+        claim = {**params, "c": c.id, "p": c.priority, "now": now}
+        if execute_prepared(session, _CLAIM, claim) is None:
+            winner = execute_prepared(session, _CLAIMED_BY, params)
+            _undo(session, c, member_id, cap_bucket, None)
+            return Reason.LOST_TO_HIGHER_PRIORITY.value, {
+                "group": c.group,
+                "bucket": group_bucket,
+                "won_by": winner.name if winner is not None else None,
+            }
+    if c.has_budget:
+        coupons = 1 if "coupon" in c.actions else 0
+        spend = {"c": c.id, "n": coupons, "v": c.face_value if coupons else 0}
+        if execute_prepared(session, _SPEND_BUDGET, spend) is None:
+            _undo(session, c, member_id, cap_bucket, group_bucket)
+            return Reason.BUDGET_EXHAUSTED.value, {}
     return None, {}
-
-
-def _spend_unbudgeted(session: Session, c: Compiled) -> None:
-    # Counters are kept for every campaign (the report reads them); without a budget
-    # the update cannot fail.
-    if "coupon" in c.actions and not c.has_budget:
-        session.execute(_SPEND_BUDGET, {"c": c.id, "n": 1, "v": c.face_value})
 
 
 def evaluate_member(
@@ -404,6 +416,8 @@ def evaluate_member(
     event: Mapping[str, Any] | None = None,
     transaction_id: int | None = None,
     matches: Any = None,
+    active: tuple[Compiled, ...] | None = None,
+    facts: dict[str, Any] | None = None,
 ) -> Rewards:
     """Evaluate the active campaigns with this trigger for one member; write the decisions.
 
@@ -413,14 +427,15 @@ def evaluate_member(
     rewards = Rewards()
     campaigns = [
         c
-        for c in ACTIVE.get(session)
+        for c in (active if active is not None else ACTIVE.get(session))
         if c.trigger["type"] == trigger and c.live_at(now) and (matches is None or matches(c))
     ]
     if not campaigns:
         return rewards
-    facts = load_member_facts(session, [member_id]).get(member_id)
     if facts is None:
-        return rewards
+        facts = load_member_facts(session, [member_id]).get(member_id)
+        if facts is None:
+            return rewards
     zone = facts.get("timezone")
     vocab = default_vocabulary()
     outcomes: list[Outcome] = []
@@ -452,7 +467,6 @@ def evaluate_member(
             continue
         reason, detail = _reserve(session, c, member_id, zone, now, period)
         if reason is None:
-            _spend_unbudgeted(session, c)
             detail = {"channel": channel} if channel else {}
         outcomes.append(Outcome(c, reason, detail))
     decision_ids = _write_decisions(
@@ -477,6 +491,22 @@ def compact_explanation(explanation: Any) -> dict[str, Any]:
     }
 
 
+_DECISIONS = text(
+    """
+    INSERT INTO decisions (campaign_id, campaign_version, member_id, period, trigger, outcome,
+                           reason, rule_hash, detail, transaction_id, decided_at)
+    SELECT c, v, :member_id, :period, :trigger,
+           CASE WHEN r IS NULL THEN 'qualified' ELSE 'suppressed' END, r, h,
+           CAST(d AS jsonb), :transaction_id, :now
+    FROM unnest(CAST(:campaigns AS bigint[]), CAST(:versions AS integer[]),
+                CAST(:reasons AS text[]), CAST(:hashes AS text[]), CAST(:details AS text[]))
+         AS x(c, v, r, h, d)
+    ON CONFLICT ON CONSTRAINT uq_decisions_evaluation DO NOTHING
+    RETURNING campaign_id, id
+    """
+)
+
+
 def _write_decisions(
     session: Session,
     member_id: int,
@@ -486,29 +516,21 @@ def _write_decisions(
     now: datetime,
     transaction_id: int | None,
 ) -> dict[int, int]:
-    rows = [
-        {
-            "campaign_id": o.campaign.id,
-            "campaign_version": o.campaign.version,
-            "member_id": member_id,
-            "period": period,
-            "trigger": trigger,
-            "outcome": "qualified" if o.reason is None else "suppressed",
-            "reason": o.reason,
-            "rule_hash": o.campaign.condition.hash if o.campaign.condition else None,
-            "detail": o.detail or None,
-            "transaction_id": transaction_id,
-            "decided_at": now,
-        }
-        for o in outcomes
-    ]
-    stmt = (
-        insert(Decision)
-        .values(rows)
-        .on_conflict_do_nothing(constraint="uq_decisions_evaluation")
-        .returning(Decision.campaign_id, Decision.id)
-    )
-    return {cid: did for cid, did in session.execute(stmt).all()}
+    """Every outcome of this evaluation in one statement (one plan for any count)."""
+    params = {
+        "member_id": member_id,
+        "period": period,
+        "trigger": trigger,
+        "transaction_id": transaction_id,
+        "now": now,
+        "campaigns": [o.campaign.id for o in outcomes],
+        "versions": [o.campaign.version for o in outcomes],
+        "reasons": [o.reason for o in outcomes],
+        "hashes": [o.campaign.condition.hash if o.campaign.condition else None for o in outcomes],
+        "details": [json.dumps(o.detail, default=str) if o.detail else None for o in outcomes],
+    }
+    rows = session.execute(_DECISIONS, params).all()
+    return {int(cid): int(did) for cid, did in rows}
 
 
 def _act(
@@ -518,19 +540,7 @@ def _act(
     coupon_id: int | None = None
     coupon: dict[str, Any] | None = None
     if "coupon" in c.actions:
-        from campaigns.coupons import issue_coupon
-
-        coupon = issue_coupon(
-            session,
-            template_code=c.actions["coupon"]["template"],
-            member_id=member_id,
-            campaign_id=c.id,
-            decision_id=decision_id,
-            issued_at=now,
-        )
-        coupon_id = session.execute(
-            text("SELECT id FROM coupons WHERE decision_id = :d"), {"d": decision_id}
-        ).scalar()
+        coupon_id, coupon = _issue(session, c, member_id, decision_id, now)
         rewards.coupons.append(
             {k: v for k, v in coupon.items() if k != "id"} | {"campaign": c.name}
         )
@@ -563,6 +573,50 @@ def _act(
             not_after=_expiry(coupon),
         )
     rewards.offers.append({"campaign": c.name, "kind": c.kind})
+
+
+def _issue(
+    session: Session, c: Compiled, member_id: int, decision_id: int, now: datetime
+) -> tuple[int | None, dict[str, Any]]:
+    """Issue the campaign's coupon with the template compiled in (one INSERT)."""
+    from campaigns import codes
+    from campaigns.coupons import ISSUE_STATEMENT, coupon_dict, issue_coupon, validity
+
+    valid_from, valid_until = validity(c.template, now)
+    params = {
+        "code": codes.new_code(),
+        "template_id": c.template.id,
+        "member_id": member_id,
+        "campaign_id": c.id,
+        "decision_id": decision_id,
+        "face_value": c.template.face_value,
+        "valid_from": valid_from,
+        "valid_until": valid_until,
+        "issued_at": now,
+    }
+    row = execute_prepared(session, ISSUE_STATEMENT, params)
+    if row is not None:
+        shape = coupon_dict(
+            row.code,
+            c.template,
+            face_value=row.face_value,
+            valid_from=row.valid_from,
+            valid_until=row.valid_until,
+        )
+        return int(row.id), shape
+    # A code collision (about 1 in 2**74): the general path draws again.
+    shape = issue_coupon(
+        session,
+        template_code=c.template.code,
+        member_id=member_id,
+        campaign_id=c.id,
+        decision_id=decision_id,
+        issued_at=now,
+    )
+    found = session.execute(
+        text("SELECT id FROM coupons WHERE decision_id = :d"), {"d": decision_id}
+    ).scalar()
+    return found, shape
 
 
 def _expiry(coupon: Mapping[str, Any] | None) -> datetime | None:
@@ -711,21 +765,11 @@ def run_batch(
     target = table(_BATCH_TEMP, *(column(n) for n in _CANDIDATE_COLUMNS))
     session.execute(insert_into(target).from_select(list(_CANDIDATE_COLUMNS), cand))
     params: dict[str, Any] = {"cid": c.id, "now": now, "prio": c.priority, "grp": c.group}
-    # Cap: a grant per eligible member; a conflict means the cap was reached meanwhile.
-    session.execute(
-        text(
-            f"""
-            WITH g AS (
-                INSERT INTO campaign_grants (campaign_id, member_id, bucket, granted_at)
-                SELECT :cid, member_id, cap_bucket, :now FROM {_BATCH_TEMP} WHERE reason IS NULL
-                ON CONFLICT DO NOTHING RETURNING member_id
-            )
-            UPDATE {_BATCH_TEMP} t SET reason = 'cap_reached'
-            WHERE t.reason IS NULL AND NOT EXISTS (SELECT 1 FROM g WHERE g.member_id = t.member_id)
-            """  # noqa: S608 - fixed temp table name
-        ),
-        params,
-    )
+    fast_keys = _skip_row_key_checks(session, c)
+    if c.cap_period != "evaluation":
+        # Cap: a grant per eligible member; a conflict means the cap was reached meanwhile.
+        # (Without a cap the decisions' unique key per run is the limit: no grants.)
+        _grant_batch(session, params)
     if c.group:
         session.execute(
             text(
@@ -790,7 +834,7 @@ def run_batch(
             {**params, "allowed": allowed},
         )
     counts = _write_batch(session, c, now=now, period=period, trigger=trigger)
-    if coupons:
+    if coupons and c.has_budget:
         session.execute(
             _SPEND_BUDGET,
             {"c": c.id, "n": counts["coupons"], "v": c.face_value * counts["coupons"]},
@@ -803,9 +847,65 @@ def run_batch(
         counts["tier_upgrades"] = upgrade_tier_sql(
             session, qualified, c.actions["tier"]["to"], c.id, now
         )
+    if fast_keys:
+        session.execute(text("SET LOCAL session_replication_role = origin"))
     counts["eligible"] = int(eligible)
     counts["budget_allowed"] = int(allowed)
     return counts
+
+
+_GRANT_BATCH = text(
+    f"""
+    WITH g AS (
+        INSERT INTO campaign_grants (campaign_id, member_id, bucket, granted_at)
+        SELECT :cid, member_id, cap_bucket, :now FROM {_BATCH_TEMP} WHERE reason IS NULL
+        ON CONFLICT DO NOTHING RETURNING member_id
+    )
+    UPDATE {_BATCH_TEMP} t SET reason = 'cap_reached'
+    WHERE t.reason IS NULL AND NOT EXISTS (SELECT 1 FROM g WHERE g.member_id = t.member_id)
+    """  # noqa: S608 - fixed temp table name
+)
+
+
+def _grant_batch(session: Session, params: dict[str, Any]) -> None:
+    session.execute(_GRANT_BATCH, params)
+
+
+# Tables a batch run writes: replica mode would also silence triggers of their own.
+_BATCH_TABLES = ("decisions", "coupons", "outbox_messages", "campaign_grants", "exclusivity_claims")
+
+
+def _skip_row_key_checks(session: Session, c: Compiled) -> bool:
+    """Let the run skip PostgreSQL's per-row foreign-key triggers, when that is safe.
+
+    Every row the run writes references the campaign (locked FOR UPDATE by the run),
+    the coupon template (locked here FOR KEY SHARE) and members read from the members
+    table in this transaction (members are never deleted: erasure keeps the row). The
+    RI triggers would look each of those up again per row and lock every member row,
+    which costs about as much as the writes themselves. Skipping them needs
+    session_replication_role (superuser or GRANT SET ON PARAMETER); without it, or when
+    the tables carry triggers of their own, the checks stay on.
+    """
+    own = session.execute(
+        text(
+            "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal "
+            "AND tgrelid = ANY(CAST(:t AS regclass[]))"
+        ),
+        {"t": list(_BATCH_TABLES)},
+    ).scalar_one()
+    if own:
+        return False
+    try:
+        with session.begin_nested():
+            session.execute(text("SET LOCAL session_replication_role = replica"))
+    except DBAPIError:
+        return False
+    if c.template is not None:
+        session.execute(
+            text("SELECT 1 FROM coupon_templates WHERE id = :t FOR KEY SHARE"),
+            {"t": c.template.id},
+        )
+    return True
 
 
 def _write_batch(
@@ -879,15 +979,19 @@ def _write_batch(
         }
     else:
         parts.append("o AS (SELECT 1 WHERE false)")
-    parts.append(
-        f"""
+    if "tier" in c.actions:
+        # Only the tier step reads which members were decided qualified in this run.
+        parts.append(
+            f"""
         marked AS (
             UPDATE {_BATCH_TEMP} t SET decision_id = d.id, coupon_id = c.id
             FROM d LEFT JOIN c ON c.decision_id = d.id
             WHERE t.member_id = d.member_id AND d.outcome = 'qualified'
             RETURNING 1
         )"""  # noqa: S608
-    )
+        )
+    else:
+        parts.append("marked AS (SELECT 1 WHERE false)")
     sql = (
         "WITH "  # noqa: S608 - fixed CTE text; values are bound parameters
         + ",".join(parts)

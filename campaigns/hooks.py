@@ -16,6 +16,24 @@ def _wants(trigger: str, campaigns: tuple[Compiled, ...]) -> bool:
     return any(c.trigger["type"] == trigger for c in campaigns)
 
 
+# Store code → region code; stores do not change region often, and a stale answer only
+# lasts until this process's campaign cache is rebuilt (any campaign change).
+_REGIONS: dict[str, str | None] = {}
+_REGIONS_GENERATION: list[str | None] = [None]
+
+
+def _region(session: Session, store: str) -> str | None:
+    generation = ACTIVE.generation
+    if _REGIONS_GENERATION[0] != generation:
+        _REGIONS.clear()
+        _REGIONS_GENERATION[0] = generation
+    if store not in _REGIONS:
+        if len(_REGIONS) > 10_000:
+            _REGIONS.clear()
+        _REGIONS[store] = store_region(session, store)
+    return _REGIONS[store]
+
+
 def after_purchase(
     session: Session,
     *,
@@ -32,7 +50,7 @@ def after_purchase(
     rewards = Rewards()
     period = f"txn:{external_id}"
     if _wants("purchase", campaigns):
-        event = event_facts(payload, region=store_region(session, payload["store"]))
+        event = event_facts(payload, region=_region(session, payload["store"]))
         rewards.merge(
             evaluate_member(
                 session,
@@ -42,6 +60,7 @@ def after_purchase(
                 period=period,
                 event=event,
                 transaction_id=transaction_id,
+                active=campaigns,
             )
         )
     if tier_change is not None and _wants("tier_change", campaigns):
@@ -56,6 +75,7 @@ def after_purchase(
                 event=event_facts(payload),
                 transaction_id=transaction_id,
                 matches=lambda c: c.trigger.get("to") in (None, reached),
+                active=campaigns,
             )
         )
     if entered_segments and _wants("segment_entry", campaigns):
@@ -69,6 +89,7 @@ def after_purchase(
                 period=period,
                 transaction_id=transaction_id,
                 matches=lambda c: c.trigger.get("segment") in entered,
+                active=campaigns,
             )
         )
     return {
