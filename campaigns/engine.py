@@ -472,9 +472,13 @@ def evaluate_member(
     decision_ids = _write_decisions(
         session, member_id, outcomes, trigger, period, now, transaction_id
     )
-    for o in outcomes:
-        if o.reason is None and o.campaign.id in decision_ids:
-            _act(session, o, member_id, decision_ids[o.campaign.id], now, rewards)
+    won = [
+        (o, decision_ids[o.campaign.id])
+        for o in outcomes
+        if o.reason is None and o.campaign.id in decision_ids
+    ]
+    if won:
+        _act_all(session, won, member_id, now, rewards)
     return rewards
 
 
@@ -533,46 +537,115 @@ def _write_decisions(
     return {int(cid): int(did) for cid, did in rows}
 
 
-def _act(
-    session: Session, o: Outcome, member_id: int, decision_id: int, now: datetime, rewards: Rewards
+_ISSUE_MANY = text(
+    """
+    INSERT INTO coupons (code, template_id, member_id, campaign_id, decision_id, face_value,
+                         valid_from, valid_until, issued_at)
+    SELECT code, t, :member_id, c, d, f, vf, vu, :now
+    FROM unnest(CAST(:codes AS text[]), CAST(:templates AS bigint[]), CAST(:campaigns AS bigint[]),
+                CAST(:decisions AS bigint[]), CAST(:faces AS numeric[]),
+                CAST(:froms AS timestamptz[]), CAST(:untils AS timestamptz[]))
+         AS x(code, t, c, d, f, vf, vu)
+    ON CONFLICT DO NOTHING
+    RETURNING id, decision_id, code, face_value, valid_from, valid_until
+    """
+)
+_QUEUE_MANY = text(
+    """
+    INSERT INTO outbox_messages (member_id, campaign_id, decision_id, coupon_id, template,
+                                 channel, kind, not_after)
+    SELECT :member_id, c, d, k, t, ch, kind, na
+    FROM unnest(CAST(:campaigns AS bigint[]), CAST(:decisions AS bigint[]),
+                CAST(:coupons AS bigint[]), CAST(:templates AS text[]),
+                CAST(:channels AS text[]), CAST(:kinds AS text[]),
+                CAST(:not_afters AS timestamptz[])) AS x(c, d, k, t, ch, kind, na)
+    ON CONFLICT (decision_id, template) DO NOTHING
+    """
+)
+
+
+def _act_all(
+    session: Session,
+    won: list[tuple[Outcome, int]],
+    member_id: int,
+    now: datetime,
+    rewards: Rewards,
 ) -> None:
-    c = o.campaign
-    coupon_id: int | None = None
-    coupon: dict[str, Any] | None = None
-    if "coupon" in c.actions:
-        coupon_id, coupon = _issue(session, c, member_id, decision_id, now)
-        rewards.coupons.append(
-            {k: v for k, v in coupon.items() if k != "id"} | {"campaign": c.name}
-        )
-    if "tier" in c.actions:
-        from campaigns.tiers import upgrade_tier
+    """Coupons, then messages, of every qualified campaign: one statement each."""
+    from campaigns import codes
+    from campaigns.coupons import coupon_dict, validity
 
-        change = upgrade_tier(
-            session,
-            member_id,
-            c.actions["tier"]["to"],
-            reason="campaign",
-            actor=f"campaign:{c.name}",
-            campaign_id=c.id,
-        )
-        if change is not None:
-            rewards.tier_change = change
-    if "message" in c.actions:
-        from campaigns.outbox import queue_message
+    issuing = [(o, d) for o, d in won if "coupon" in o.campaign.actions]
+    coupon_ids: dict[int, int] = {}
+    shapes: dict[int, dict[str, Any]] = {}
+    if issuing:
+        terms = [validity(o.campaign.template, now) for o, _ in issuing]
+        rows = session.execute(
+            _ISSUE_MANY,
+            {
+                "member_id": member_id,
+                "now": now,
+                "codes": [codes.new_code() for _ in issuing],
+                "templates": [o.campaign.template.id for o, _ in issuing],
+                "campaigns": [o.campaign.id for o, _ in issuing],
+                "decisions": [d for _, d in issuing],
+                "faces": [o.campaign.template.face_value for o, _ in issuing],
+                "froms": [t[0] for t in terms],
+                "untils": [t[1] for t in terms],
+            },
+        ).all()
+        by_decision = {int(r.decision_id): r for r in rows}
+        for o, d in issuing:
+            row = by_decision.get(d)
+            if row is None:  # a code collision: the one-by-one path draws again
+                found, shapes[d] = _issue(session, o.campaign, member_id, d, now)
+                if found is not None:
+                    coupon_ids[d] = found
+                continue
+            coupon_ids[d] = int(row.id)
+            shapes[d] = coupon_dict(
+                row.code,
+                o.campaign.template,
+                face_value=row.face_value,
+                valid_from=row.valid_from,
+                valid_until=row.valid_until,
+            )
+    for o, d in won:
+        if d in shapes:
+            rewards.coupons.append(shapes[d] | {"campaign": o.campaign.name})
+        if "tier" in o.campaign.actions:
+            from campaigns.tiers import upgrade_tier
 
-        message = c.actions["message"]
-        queue_message(
-            session,
-            member_id=member_id,
-            template=message["template"],
-            channel=o.detail.get("channel") or message.get("channel"),
-            kind=message.get("kind", "marketing"),
-            campaign_id=c.id,
-            decision_id=decision_id,
-            coupon_id=coupon_id,
-            not_after=_expiry(coupon),
+            change = upgrade_tier(
+                session,
+                member_id,
+                o.campaign.actions["tier"]["to"],
+                reason="campaign",
+                actor=f"campaign:{o.campaign.name}",
+                campaign_id=o.campaign.id,
+            )
+            if change is not None:
+                rewards.tier_change = change
+        rewards.offers.append({"campaign": o.campaign.name, "kind": o.campaign.kind})
+    messaging = [(o, d) for o, d in won if "message" in o.campaign.actions]
+    if messaging:
+        actions = [o.campaign.actions["message"] for o, _ in messaging]
+        session.execute(
+            _QUEUE_MANY,
+            {
+                "member_id": member_id,
+                "campaigns": [o.campaign.id for o, _ in messaging],
+                "decisions": [d for _, d in messaging],
+                "coupons": [coupon_ids.get(d) for _, d in messaging],
+                "templates": [a["template"] for a in actions],
+                "channels": [
+                    o.detail.get("channel") or a.get("channel")
+                    for (o, _), a in zip(messaging, actions, strict=True)
+                ],
+                "kinds": [a.get("kind", "marketing") for a in actions],
+                "not_afters": [_expiry(shapes.get(d)) for _, d in messaging],
+            },
         )
-    rewards.offers.append({"campaign": c.name, "kind": c.kind})
 
 
 def _issue(

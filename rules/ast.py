@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, TypeAlias
@@ -133,13 +133,18 @@ class Rule:
 
     root: Node
     scope: Scope
+    # The content hash, computed once: engines key caches and decisions by it per request.
+    _hash: str | None = field(default=None, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return to_json(self.root)
 
     @property
     def hash(self) -> str:
-        return content_hash(self.root)
+        if self._hash is None:
+            object.__setattr__(self, "_hash", content_hash(self.root))
+        assert self._hash is not None
+        return self._hash
 
     @property
     def fields(self) -> list[str]:
