@@ -993,7 +993,7 @@ def _write_batch(
             SELECT :cid, :ver, member_id, :period, :trigger,
                    CASE WHEN reason IS NULL THEN 'qualified' ELSE 'suppressed' END,
                    reason, :rule_hash,
-                   CASE WHEN channel IS NOT NULL THEN jsonb_build_object('channel', channel) END,
+                   NULL,  -- the channel chosen is on the outbox row; no per-row JSON here
                    :now
             FROM {_BATCH_TEMP}
             ON CONFLICT ON CONSTRAINT uq_decisions_evaluation DO NOTHING
