@@ -121,8 +121,10 @@ def quiet_until(
     if not quiet:
         return None
     # Wall-clock end in the member's zone; across a DST gap zoneinfo moves it forward.
-    ends = datetime.combine(end_day, end, tzinfo=tz)
-    return ends.astimezone(UTC)
+    ends = datetime.combine(end_day, end, tzinfo=tz).astimezone(UTC)
+    # In the hour repeated when clocks go back, the (first) end may already be past:
+    # then the quiet hours are over.
+    return ends if ends > moment else None
 
 
 def cap_free_at(
@@ -270,7 +272,9 @@ def _quiet_sql(moment: str, tz: str, start: time, end: time) -> tuple[str, str]:
     else:  # across midnight
         quiet = f"({clock} >= {s} OR {clock} < {e})"
         end_day = f"({day} + CASE WHEN {clock} >= {s} THEN 1 ELSE 0 END)"
-    return quiet, _instant_sql(f"({end_day} + {e})", tz)
+    ends = _instant_sql(f"({end_day} + {e})", tz)
+    # As in `quiet_until`: an end already past (the repeated hour) means not quiet.
+    return f"({quiet} AND {ends} > ({moment}))", ends
 
 
 # The worker's clock, as `decide` takes it (a parameter, so tests can set any moment).
