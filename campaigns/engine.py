@@ -485,13 +485,12 @@ def evaluate_member(
 def compact_explanation(explanation: Any) -> dict[str, Any]:
     """What a decision keeps of an explanation: every condition with its value, one line
     each, and the ones that decided (the full trace is rebuilt on demand by the rules API)."""
-    full = explanation.to_json()
     return {
-        "outcome": full["outcome"],
-        "rule_text": full["rule_text"],
-        "decided_by": full["decided_by"],
+        "outcome": explanation.outcome,
+        "rule_text": explanation.text,
+        "decided_by": explanation.decided_by,
         "conditions": explanation.lines(),
-        "evaluated_at": full["evaluated_at"],
+        "evaluated_at": explanation.now.isoformat(),
     }
 
 
