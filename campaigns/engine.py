@@ -219,7 +219,8 @@ def face_value_of(session: Session, actions: Mapping[str, Any]) -> Decimal:
     return Decimal(template.face_value)
 
 
-def _compile_with_template(session: Session, row: Campaign) -> Compiled:
+def compile_with_template(session: Session, row: Campaign) -> Compiled:
+    """`compile_campaign` with the coupon template looked up (both paths use it)."""
     coupon = row.definition["actions"].get("coupon")
     template = None
     if coupon:
@@ -260,7 +261,7 @@ class _Cache:
             )
             .order_by(Campaign.priority.desc(), Campaign.id)
         ).all()
-        compiled = tuple(_compile_with_template(session, r) for r in rows)
+        compiled = tuple(compile_with_template(session, r) for r in rows)
         with self._lock:
             self._generation, self._campaigns = generation, compiled
         return compiled
@@ -837,6 +838,14 @@ def run_batch(
     target = table(_BATCH_TEMP, *(column(n) for n in _CANDIDATE_COLUMNS))
     session.execute(insert_into(target).from_select(list(_CANDIDATE_COLUMNS), cand))
     params: dict[str, Any] = {"cid": c.id, "now": now, "prio": c.priority, "grp": c.group}
+    if c.template is not None:
+        from campaigns.coupons import issuable
+
+        if issuable(c.template, now) is not None:
+            # Archived or expired after activation: as on the event path, nobody qualifies.
+            session.execute(
+                text(f"UPDATE {_BATCH_TEMP} SET reason = 'offer_unavailable' WHERE reason IS NULL")  # noqa: S608
+            )
     fast_keys = _skip_row_key_checks(session, c)
     if c.cap_period != "evaluation":
         # Cap: a grant per eligible member; a conflict means the cap was reached meanwhile.
@@ -1008,9 +1017,9 @@ def _write_batch(
         "now": now,
     }
     if "coupon" in c.actions:
-        from campaigns.coupons import get_template, validity
+        from campaigns.coupons import validity
 
-        template = get_template(session, c.actions["coupon"]["template"])
+        template = c.template
         if template is None:
             raise LookupError(f"coupon template {c.actions['coupon']['template']!r} does not exist")
         valid_from, valid_until = validity(template, now)

@@ -16,13 +16,13 @@ from campaigns.engine import (
     audience_rule,
     bucket,
     candidates,
-    compile_campaign,
-    face_value_of,
+    compile_with_template,
     in_holdout,
 )
 from campaigns.models import Campaign
 from rules import Scope, count_query, explain
 from service.errors import NotFound, ValidationFailed
+from service.models import Member
 from service.vocabulary import default_vocabulary, event_facts, load_member_facts
 
 # Two-sided 95% normal quantile, for the uplift confidence intervals.
@@ -33,7 +33,7 @@ def _campaign(session: Session, campaign_id: int) -> tuple[Campaign, Compiled]:
     row = session.get(Campaign, campaign_id)
     if row is None:
         raise NotFound(f"campaign {campaign_id} does not exist")
-    return row, compile_campaign(row, face_value_of(session, row.definition["actions"]))
+    return row, compile_with_template(session, row)
 
 
 def _budget_left(row: Campaign) -> tuple[int | None, Decimal | None]:
@@ -81,7 +81,7 @@ def preview(session: Session, campaign_id: int, now: datetime, sample: int = 10)
             session.scalar(count_query(audience, default_vocabulary(), now))
             if audience is not None
             else session.scalar(
-                select(func.count()).select_from(text("members WHERE status = 'active'"))
+                select(func.count()).select_from(Member).where(Member.status == "active")
             )
         )
         return {

@@ -7,6 +7,7 @@ twice, a worker may retry, and nothing is decided twice.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import datetime, time, timedelta
 from typing import Any
@@ -17,7 +18,7 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from campaigns.engine import compile_campaign, face_value_of, run_batch
+from campaigns.engine import compile_with_template, run_batch
 from campaigns.models import Campaign, CampaignRun, Status
 from segments.models_custom import CustomSegment, SegmentMembershipChange
 from service.errors import Conflict
@@ -64,7 +65,7 @@ def run_campaign(
         ).one()
         return {"run_key": run_key, "replayed": True, **done.counts}
     # The campaign lock is not needed for the long part; run_batch re-locks for the budget.
-    compiled = compile_campaign(row, face_value_of(session, row.definition["actions"]))
+    compiled = compile_with_template(session, row)
     started = datetime.now().astimezone()
     counts: dict[str, Any] = run_batch(
         session, compiled, now=now, period=f"run:{run_key}", trigger=trigger, members=members
@@ -75,16 +76,10 @@ def run_campaign(
             "UPDATE campaign_runs SET finished_at = now(), counts = CAST(:c AS jsonb) "
             "WHERE id = :id"
         ),
-        {"c": _json(counts), "id": run_id},
+        {"c": json.dumps(counts), "id": run_id},
     )
     log.info("campaign %s run %s: %s", row.name, run_key, counts)
     return {"run_key": run_key, "replayed": False, **counts}
-
-
-def _json(data: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(data)
 
 
 def due_runs(session: Session, now: datetime, zone: str) -> list[tuple[int, str, str]]:

@@ -64,8 +64,6 @@ def check_references(session: Session, d: dict[str, Any]) -> dict[str, list[str]
     except RuleValidationError as exc:
         errors["condition"] = [f"{p.pointer or '/'}: {p.message}" for p in exc.problems]
     trigger = d["trigger"]
-    if trigger["type"] in ("purchase", "tier_change") and d["kind"] == "birthday":
-        pass  # allowed: a birthday gift on the first purchase of the birthday week
     names = set(d["audience"].get("segments", []))
     if trigger["type"] == "segment_entry":
         names.add(trigger["segment"])
