@@ -16,6 +16,9 @@ migration 0005b creates, so campaigns can issue codes set-based):
   every transposition of two adjacent symbols (the weights differ by 1, so the sum
   changes by a - b, never 0 mod 31 for a != b); also transpositions across one
   symbol (weights differ by 2). Luhn mod N misses some adjacent transpositions.
+- Bulk issuing (a campaign run over its audience) draws the two 63-bit integers per
+  code from `secrets` and does the same arithmetic vectorised with numpy
+  (`bulk_codes`): the SQL function costs ~10 us a code, the array ~0.3 us.
 - Stored without separators (16 characters); shown in groups of four with dashes
   (`display`). Input is normalised (`normalise`): Unicode compatibility forms
   (full-width characters from a Chinese IME), case, spaces, dashes, dots and
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import secrets
 import unicodedata
+
+import numpy as np
 
 ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
 BASE = len(ALPHABET)  # 31, prime
@@ -138,3 +143,28 @@ SQL_RANDOM_PAIRS = """
           FROM generate_series(1, :n) OFFSET 0) AS draws
     OFFSET 0
 """
+
+
+def codes_from_pairs(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Codes (16-byte ASCII strings) from arrays of non-negative 63-bit integers `x`, `y`:
+    the arithmetic of `sql_code_expression`, element-wise."""
+    x, y = x.astype(np.uint64), y.astype(np.uint64)
+    base = np.uint64(BASE)
+    digits = np.empty((len(x), LENGTH), dtype=np.uint64)
+    total = np.zeros(len(x), dtype=np.uint64)
+    for i in range(BODY_LENGTH):
+        var, k = (x, i) if i < 8 else (y, i - 8)
+        digits[:, i] = (var // np.uint64(BASE**k)) % base
+        total += np.uint64(LENGTH - i) * digits[:, i]
+    digits[:, BODY_LENGTH] = (base - total % base) % base
+    symbols = np.frombuffer(ALPHABET.encode("ascii"), dtype=np.uint8)[digits]
+    return np.ascontiguousarray(symbols).view(f"S{LENGTH}").ravel()
+
+
+def bulk_codes(n: int) -> np.ndarray:
+    """`n` fresh codes in stored form, sorted (so inserting them in this order fills the
+    unique index on `code` left to right). Random bits from `secrets` (the OS CSPRNG)."""
+    pairs = np.frombuffer(secrets.token_bytes(16 * n), dtype=np.uint64).reshape(n, 2)
+    codes = codes_from_pairs(pairs[:, 0] >> np.uint64(1), pairs[:, 1] >> np.uint64(1))
+    codes.sort()
+    return codes

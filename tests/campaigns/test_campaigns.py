@@ -13,6 +13,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from campaigns import coupons as coupon_service
+from campaigns.codes import is_well_formed
 from campaigns.engine import ACTIVE
 from campaigns.models import Campaign, Decision
 from campaigns.templates import save_variant
@@ -414,6 +415,17 @@ def test_batch_run_is_set_based_capped_budgeted_and_idempotent(
         {"c": c["id"]},
     ).one()
     assert tuple(coupons) == (10, 10)
+    issued = session.execute(
+        text(
+            "SELECT c.code, c.member_id = d.member_id AND d.outcome = 'qualified'"
+            " FROM coupons c JOIN decisions d ON d.id = c.decision_id WHERE c.campaign_id = :c"
+        ),
+        {"c": c["id"]},
+    ).all()
+    # Each coupon is its own decision's, with a distinct code that passes the check.
+    assert len(issued) == 10 and all(mine for _, mine in issued)
+    assert len({code for code, _ in issued}) == 10
+    assert all(is_well_formed(code) for code, _ in issued)
     explained = decisions(client, marketer, members[-1], campaign=c["id"])
     assert explained[0]["reason"] == "budget_exhausted"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,9 +65,42 @@ def test_every_sql_code_passes_the_check(sql_codes: list[str]):
     assert len(set(sql_codes)) == len(sql_codes)
 
 
-@pytest.mark.parametrize("source", ["python", "sql"])
+_BIG = st.integers(0, 2**63 - 1)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.tuples(_BIG, _BIG), min_size=1, max_size=20))
+def test_bulk_arithmetic_is_the_sql_arithmetic(engine: Engine, pairs: list[tuple[int, int]]):
+    # The same (x, y) must give the same code from numpy (bulk issuing) and from the SQL
+    # expression behind patron_coupon_code() and bearer-code batches.
+    xs, ys = (np.array(v, dtype=np.uint64) for v in zip(*pairs, strict=True))
+    bulk = [c.decode() for c in codes.codes_from_pairs(xs, ys)]
+    with engine.connect() as conn:
+        sql = conn.execute(
+            text(
+                f"SELECT {codes.sql_code_expression('p.x', 'p.y')} FROM unnest("
+                "CAST(:x AS bigint[]), CAST(:y AS bigint[])) WITH ORDINALITY AS p(x, y, i)"
+                " ORDER BY p.i"
+            ),
+            {"x": [x for x, _ in pairs], "y": [y for _, y in pairs]},
+        ).scalars()
+        assert bulk == list(sql)
+
+
+def test_bulk_codes_are_sorted_distinct_and_well_formed():
+    drawn = [c.decode() for c in codes.bulk_codes(SQL_SAMPLE)]
+    assert drawn == sorted(drawn) and len(set(drawn)) == SQL_SAMPLE
+    assert all(codes.is_well_formed(c) for c in drawn)
+    assert codes.bulk_codes(0).size == 0
+
+
+@pytest.mark.parametrize("source", ["python", "sql", "bulk"])
 def test_every_symbol_is_used_evenly_at_every_position(source: str, sql_codes: list[str]):
-    sample = sql_codes if source == "sql" else [codes.new_code() for _ in range(SQL_SAMPLE)]
+    sample = {
+        "sql": lambda: sql_codes,
+        "python": lambda: [codes.new_code() for _ in range(SQL_SAMPLE)],
+        "bulk": lambda: [c.decode() for c in codes.bulk_codes(SQL_SAMPLE)],
+    }[source]()
     expected = len(sample) / codes.BASE
     for pos in range(codes.BODY_LENGTH):
         counts = Counter(c[pos] for c in sample)
