@@ -67,9 +67,13 @@ def main() -> None:
         state["pid"] = session.scalar(text("SELECT pg_backend_pid()"))
         refresh.begin_run(session, args.as_of, config)
         for name, step in refresh.steps_named(args.steps.split(",")):
-            started = time.perf_counter()
+            started, used = time.perf_counter(), cpu()
             step(session, args.as_of, config)
-            print(f"=== step {name}: {time.perf_counter() - started:.2f}s", flush=True)
+            print(
+                f"=== step {name}: {time.perf_counter() - started:.2f}s,"
+                f" backend cpu {cpu() - used:.2f}s",
+                flush=True,
+            )
         session.rollback()
 
 

@@ -46,18 +46,20 @@ def refresh_job(as_of: str | None = None, steps: list[str] | None = None) -> dic
     with unit_of_work() as session:
         refresh.begin_run(session, day, config)
     queue = _queue()
-    previous: Job | None = None
-    ids: list[str] = []
+    # Each step waits for its prerequisites only (refresh.STEP_AFTER), so with two or more
+    # workers independent steps run side by side; "finish" waits for all of them.
+    waits_for = {**refresh.prerequisites(chosen), "finish": chosen}
+    jobs: dict[str, Job] = {}
     for name in [*chosen, "finish"]:
-        previous = queue.enqueue(
+        jobs[name] = queue.enqueue(
             refresh_step_job,
             name,
             day.isoformat(),
-            depends_on=previous,
+            depends_on=[jobs[b] for b in waits_for[name]] or None,
             job_timeout=STEP_TIMEOUT,
             meta={"kind": "scores.refresh.step", "step": name},
         )
-        ids.append(previous.id)
+    ids = [jobs[name].id for name in [*chosen, "finish"]]
     current = get_current_job()
     if current is not None:
         names = [*chosen, "finish"]

@@ -1,4 +1,5 @@
-"""Tables of member scoring: window state, scores, lifecycle history, RFM snapshots, runs."""
+"""Tables of member scoring: window state, scores, churn predictions, lifecycle history, RFM
+snapshots, runs."""
 
 from __future__ import annotations
 
@@ -100,9 +101,6 @@ class MemberScore(Base):
     monetary: Mapped[Decimal | None] = mapped_column(Money)
     lifecycle_stage: Mapped[str] = mapped_column(String(16))
     stage_since: Mapped[date] = mapped_column(Date)
-    p_alive: Mapped[Decimal | None] = mapped_column(Numeric(6, 5))
-    expected_purchases_90d: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
-    expected_value: Mapped[Decimal | None] = mapped_column(Money)
 
     __table_args__ = (
         CheckConstraint("r BETWEEN 1 AND 5 AND f BETWEEN 1 AND 5 AND m BETWEEN 1 AND 5", "rfm"),
@@ -111,6 +109,29 @@ class MemberScore(Base):
         # Rewritten daily for most rows: room on each page keeps the updates HOT.
         {"postgresql_with": {"fillfactor": 70}},
     )
+
+
+class MemberPrediction(Base):
+    """Churn predictions of one member (BG/NBD, Gamma-Gamma) as of the last churn run.
+
+    The churn step replaces the whole table every run (segments.predict): T grows by a
+    day for every member, so nearly every value changes daily, and building a new table
+    and swapping it in costs a fraction of updating ~90 % of the rows in place. A member
+    without a row is not scored (no purchase, or not active at the last run).
+
+    No foreign key to members: it would be re-validated against a million members on
+    every swap, and members are never deleted (erasure anonymises the row in place; the
+    next run leaves erased members out). The columns' order is part of the contract with
+    `predict._BUILD`, which creates the table with CREATE TABLE AS.
+    """
+
+    __tablename__ = "member_predictions"
+    member_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    # The churn run that wrote the row (every row of the table has the same date).
+    as_of: Mapped[date] = mapped_column(Date)
+    p_alive: Mapped[Decimal | None] = mapped_column(Numeric(6, 5))
+    expected_purchases_90d: Mapped[Decimal | None] = mapped_column(Numeric(10, 4))
+    expected_value: Mapped[Decimal | None] = mapped_column(Money)
 
 
 class LifecycleChange(Base):

@@ -4,7 +4,8 @@ Per member, in days, from member_stats: x = purchase days - 1 (repeat purchase d
 t_x = days from the first to the last purchase day, T = days from the first purchase day
 to the as-of date. Many members share the same (x, t_x, T), so the model is fitted and
 evaluated on the distinct combinations with member counts as weights, and the results
-are joined back to the members in one UPDATE (no per-member Python).
+are joined back to the members set-based into a new `member_predictions` table that
+replaces the previous one (no per-member Python, no update of member_scores).
 """
 
 # SQL here is assembled from this module's constants only; every value is a bound parameter.
@@ -15,11 +16,13 @@ from __future__ import annotations
 import io
 import logging
 import math
+import time
 from datetime import date
 from typing import Any
 
 import numpy as np
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from segments import churn
@@ -34,7 +37,7 @@ _COMBO = "(CAST(x AS bigint) << 40) | (CAST(t_x AS bigint) << 20) | big_t"
 
 # Per member, once per run: the churn inputs in days, from local first / last purchase days
 # (one time zone conversion each, not one per use) and the mean spend per purchase. The
-# statements below (the distinct combinations, the spend summary, the write-back) read this
+# statements below (the distinct combinations, the spend summary, the build) read this
 # small table instead of recomputing the expressions over member_stats three times.
 _KEYS = f"""
     CREATE TEMPORARY TABLE patron_churn_keys ON COMMIT DROP AS
@@ -65,40 +68,60 @@ _SPEND = (
     " WHERE fit_spend IS NOT NULL GROUP BY 1, 2"
 )
 
+# Serialises churn runs (they build the same `member_predictions_new`); nothing else takes it.
+_CHURN_LOCK = 7_264_002
+
+# The whole table anew each run: T grows by a day for every member, so ~90 % of the rows
+# change daily, and updating them in place rewrote most of the table plus its index entries
+# (~190 MB of WAL at 810k members) while holding row locks. Rows go into a table with no
+# index; the primary key is built once, after the fill. The columns are cast to the
+# model's types (`MemberPrediction`, the same order): CREATE TABLE AS takes the types of the
+# expressions, and a CASE without ELSE loses the typmod.
+#
 # Expected spend over the horizon: expected purchases x the Gamma-Gamma posterior mean
 # spend per purchase, p (v + m x) / (p x + q - 1) (= churn.expected_average_value; the
-# population mean p v / (q - 1) where x = 0). Rows already holding these values are not
-# rewritten (a re-run of a date writes nothing).
-_WRITE = """
-    WITH fresh AS (
-        SELECT k.member_id, c.p_alive, c.expected,
-               CASE WHEN :gg_ok THEN
-                    -- round(double precision) would round to a whole unit: cents need numeric.
-                    CAST(round(CAST(c.expected * CAST(:gp AS double precision)
-                                    * (CAST(:gv AS double precision)
-                                       + k.mean_spend * k.x * CAST(k.x > 0 AS integer))
-                                    / NULLIF(CAST(:gp AS double precision) * k.x
-                                             + CAST(:gq AS double precision) - 1, 0)
-                                    AS numeric), 2) AS numeric(14, 2))
-               END AS expected_value
-        FROM patron_churn_keys k JOIN patron_churn_predictions c ON c.combo = k.combo
-    )
-    UPDATE member_scores sc SET
-        p_alive = f.p_alive, expected_purchases_90d = f.expected,
-        expected_value = f.expected_value, as_of = :as_of
-    FROM fresh f
-    WHERE sc.member_id = f.member_id
-      AND (sc.p_alive, sc.expected_purchases_90d, sc.expected_value)
-          IS DISTINCT FROM (f.p_alive, f.expected, f.expected_value)
+# population mean p v / (q - 1) where x = 0).
+_BUILD = """
+    CREATE TABLE member_predictions_new AS
+    SELECT CAST(k.member_id AS bigint) AS member_id,
+           CAST(:as_of AS date) AS as_of,
+           CAST(c.p_alive AS numeric(6, 5)) AS p_alive,
+           CAST(c.expected AS numeric(10, 4)) AS expected_purchases_90d,
+           CAST(CASE WHEN :gg_ok THEN
+                -- round(double precision) would round to a whole unit: cents need numeric.
+                round(CAST(c.expected * CAST(:gp AS double precision)
+                           * (CAST(:gv AS double precision)
+                              + k.mean_spend * k.x * CAST(k.x > 0 AS integer))
+                           / NULLIF(CAST(:gp AS double precision) * k.x
+                                    + CAST(:gq AS double precision) - 1, 0)
+                           AS numeric), 2)
+                END AS numeric(14, 2)) AS expected_value
+    FROM patron_churn_keys k JOIN patron_churn_predictions c ON c.combo = k.combo
 """
-# Members no longer scored (no purchase, erased) lose their churn scores.
-_CLEAR = """
-    UPDATE member_scores sc SET
-        p_alive = NULL, expected_purchases_90d = NULL, expected_value = NULL, as_of = :as_of
-    WHERE (sc.p_alive IS NOT NULL OR sc.expected_purchases_90d IS NOT NULL
-           OR sc.expected_value IS NOT NULL)
-      AND NOT EXISTS (SELECT 1 FROM patron_churn_keys k WHERE k.member_id = sc.member_id)
+# One ALTER: the NOT NULL checks share one pass over the rows, the index build another.
+_INDEX = """
+    ALTER TABLE member_predictions_new
+        ALTER COLUMN as_of SET NOT NULL,
+        ADD CONSTRAINT pk_member_predictions_new PRIMARY KEY (member_id)
 """
+_SWAP = (
+    "DROP TABLE member_predictions",
+    "ALTER TABLE member_predictions_new RENAME TO member_predictions",
+    "ALTER TABLE member_predictions RENAME CONSTRAINT pk_member_predictions_new"
+    " TO pk_member_predictions",
+)
+
+# The swap needs an exclusive lock on member_predictions. While it waits, every new reader
+# (a purchase loading its facts) queues behind it, so it never waits long: a reader that
+# holds the table for minutes (a batch campaign run, a pg_dump) makes it give up, let the
+# queue drain and try again a moment later.
+SWAP_LOCK_TIMEOUT = "100ms"
+SWAP_ATTEMPTS = 600
+SWAP_PAUSE_SECONDS = 1.0
+
+
+class SwapTimeout(RuntimeError):
+    """member_predictions stayed in use by other transactions for every swap attempt."""
 
 
 def _prepare_keys(session: Session, as_of: date, config: ScoringConfig) -> None:
@@ -123,7 +146,20 @@ def member_summary(session: Session, as_of: date, config: ScoringConfig) -> dict
 
 
 def score_churn(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
-    """Fit BG/NBD and Gamma-Gamma on the member base and write the scores back set-based."""
+    """Fit the models, build the predictions and swap them in (see `build_predictions`)."""
+    result = build_predictions(session, as_of, config)
+    swap_predictions(session)
+    return result
+
+
+def build_predictions(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """Fit BG/NBD and Gamma-Gamma on the member base and build `member_predictions_new`.
+
+    Readers still see the previous predictions: `swap_predictions` replaces them, and should
+    be the last thing before the commit (its lock is held until then). Active members with
+    a purchase get a row; members without one (never bought, erased) get none.
+    """
+    session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _CHURN_LOCK})
     data = member_summary(session, as_of, config)
     result: dict[str, Any] = {"combinations": len(data["x"]), "members": float(data["n"].sum())}
     try:
@@ -153,12 +189,9 @@ def score_churn(session: Session, as_of: date, config: ScoringConfig) -> dict[st
     _load_predictions(session, data, p_alive, expected)
     session.execute(text("SET LOCAL work_mem = '128MB'"))
     session.execute(text("SET LOCAL jit = off"))
-    # The planner underestimates the three-column join of keys and predictions (it assumes
-    # the columns independent) by ~60x and then probes member_scores' index once per member:
-    # hash joins, with a sequential pass over member_scores, cost a fraction of that.
-    session.execute(text("SET LOCAL enable_nestloop = off"))
+    session.execute(text("DROP TABLE IF EXISTS member_predictions_new"))
     session.execute(
-        text(_WRITE),
+        text(_BUILD),
         {
             "as_of": as_of,
             "gg_ok": gg_ok,
@@ -167,11 +200,48 @@ def score_churn(session: Session, as_of: date, config: ScoringConfig) -> dict[st
             "gv": gg.get("v", 1.0),
         },
     )
-    session.execute(text("RESET enable_nestloop"))
-    session.execute(text(_CLEAR), {"as_of": as_of})
+    session.execute(text(_INDEX))
+    # Statistics before readers see it: rules compare these columns, and autovacuum would
+    # only get to a new table some time later.
+    session.execute(text("ANALYZE member_predictions_new"))
     session.execute(text("DROP TABLE patron_churn_keys"))
     session.execute(text("DROP TABLE patron_churn_predictions"))
     return result
+
+
+def swap_predictions(
+    session: Session,
+    *,
+    attempts: int = SWAP_ATTEMPTS,
+    pause_seconds: float = SWAP_PAUSE_SECONDS,
+) -> None:
+    """Replace member_predictions by member_predictions_new (built in this transaction).
+
+    Readers wait only from here to the commit. A plain READ COMMITTED statement that
+    waited sees the new rows (it takes its snapshot after its locks). A server-side
+    prepared statement (`service.db.execute_prepared`) that waited does not: EXECUTE takes
+    its snapshot before re-planning, and it read the new table as empty (PostgreSQL 15).
+    So no prepared statement may read member_predictions (tests/segments/
+    test_churn_writeback.py checks the purchase path), nor a REPEATABLE READ transaction.
+    """
+    for attempt in range(attempts):
+        try:
+            with session.begin_nested():
+                session.execute(text(f"SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'"))
+                session.execute(text("LOCK TABLE member_predictions IN ACCESS EXCLUSIVE MODE"))
+                session.execute(text("SET LOCAL lock_timeout = DEFAULT"))
+                for statement in _SWAP:
+                    session.execute(text(statement))
+            return
+        except OperationalError as exc:
+            if getattr(exc.orig, "pgcode", None) != "55P03":  # lock_not_available
+                raise
+            log.info("member_predictions in use; swap attempt %d of %d", attempt + 1, attempts)
+            time.sleep(pause_seconds)
+    raise SwapTimeout(
+        f"member_predictions was in use by other transactions for {attempts} attempts;"
+        " the previous predictions stay"
+    )
 
 
 def _column(values: np.ndarray, digits: int) -> list[str]:

@@ -16,10 +16,11 @@ _ROW = text(
            s.spend_365d, s.purchase_count, s.net_spend, s.purchase_days,
            s.median_interpurchase_days, s.last_purchase_at,
            sc.r, sc.f, sc.m, sc.rfm_segment, sc.frequency, sc.monetary, sc.lifecycle_stage,
-           sc.stage_since, sc.p_alive, sc.expected_purchases_90d, sc.expected_value
+           sc.stage_since, p.p_alive, p.expected_purchases_90d, p.expected_value
     FROM members mb
     LEFT JOIN member_stats s ON s.member_id = mb.id
     LEFT JOIN member_scores sc ON sc.member_id = mb.id
+    LEFT JOIN member_predictions p ON p.member_id = mb.id
     WHERE mb.id = :id
     """
 )

@@ -3,8 +3,13 @@
 Each step is a function `(session, as_of, config) -> details` run in its own unit of
 work, in the order of `REFRESH_STEPS`; other packages append theirs (custom segments).
 Every step is idempotent for a date, so running a date twice changes nothing the
-second time. The same steps run in-process (`patron refresh`, tests) or as a chain of
-RQ jobs (the scheduler and `POST /v1/scores/refresh`).
+second time. The same steps run in-process (`patron refresh`, tests) or as RQ jobs (the
+scheduler and `POST /v1/scores/refresh`).
+
+Steps that neither write the same rows nor read each other's output run at the same time
+(`STEP_AFTER`): after the windows, lifecycle → RFM → snapshot (all three touch
+`member_scores`) beside churn (its own table) and the tier review; custom segments last,
+since rules may test any score.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager
 from datetime import UTC, date, datetime
 from typing import Any
@@ -65,11 +71,14 @@ def step_rfm(session: Session, as_of: date, config: ScoringConfig) -> dict[str, 
 
 def step_churn(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
     """BG/NBD and Gamma-Gamma scores; the fitted parameters are stored on the run."""
-    result = predict.score_churn(session, as_of, config)
+    result = predict.build_predictions(session, as_of, config)
     session.execute(
         text("UPDATE score_runs SET churn_params = CAST(:c AS jsonb) WHERE as_of = :d"),
         {"c": json.dumps(result), "d": as_of},
     )
+    # Last: from the swap to the commit, readers of member_predictions wait. The run row is
+    # locked above already, so recording the step cannot make them wait for a parallel step.
+    predict.swap_predictions(session)
     return {"combinations": result["combinations"]}
 
 
@@ -118,6 +127,33 @@ REFRESH_STEPS: list[tuple[str, Step]] = [
     ("tiers", step_tiers),
     ("custom_segments", step_custom_segments),
 ]
+
+
+# What each step waits for. A step may start once these have committed; one not listed
+# here (appended by another package) waits for every step before it. Lifecycle, RFM and
+# snapshot form one chain because they write (or read) the same member_scores rows:
+# concurrent updates of one row would wait on each other's locks or deadlock.
+STEP_AFTER: dict[str, tuple[str, ...]] = {
+    "windows": (),
+    "lifecycle": ("windows",),
+    "rfm": ("windows", "lifecycle"),
+    "churn": ("windows",),
+    "snapshot": ("rfm",),
+    "tiers": ("windows",),
+    "custom_segments": ("windows", "lifecycle", "rfm", "churn", "snapshot", "tiers"),
+}
+
+
+def prerequisites(chosen: list[str]) -> dict[str, list[str]]:
+    """For each chosen step (in order), the chosen steps it must wait for."""
+    ordered = [n for n, _ in REFRESH_STEPS]
+    result: dict[str, list[str]] = {}
+    for name in chosen:
+        before = STEP_AFTER.get(name)
+        if before is None:
+            before = tuple(ordered[: ordered.index(name)])
+        result[name] = [b for b in before if b in chosen]
+    return result
 
 
 def steps_named(names: list[str] | None = None) -> list[tuple[str, Step]]:
@@ -194,24 +230,50 @@ def run_refresh(
     config: ScoringConfig | None = None,
     steps: list[str] | None = None,
     progress: Progress | None = None,
+    parallel: int = 1,
 ) -> dict[str, Any]:
-    """Run the refresh in this process, one unit of work per step; returns details per step."""
+    """Run the refresh in this process, one unit of work per step; returns details per step.
+
+    With `parallel` > 1, steps whose prerequisites (`STEP_AFTER`) are done run at the same
+    time in threads, each in its own unit of work, so `unit_of_work` must hand out
+    sessions on separate connections (not one shared test connection).
+    """
     config = config or ScoringConfig.from_env()
     as_of = as_of or today(config)
-    chosen = steps_named(steps)
+    chosen = dict(steps_named(steps))
+    waits_for = prerequisites(list(chosen))
     with unit_of_work() as session:
         begin_run(session, as_of, config)
     results: dict[str, Any] = {}
-    for name, step in chosen:
+
+    def one(name: str) -> dict[str, Any]:
         if progress:
             progress(name, {"status": "started"})
         with unit_of_work() as session:
-            results[name] = run_step(session, name, step, as_of, config)
+            details = run_step(session, name, chosen[name], as_of, config)
         if progress:
-            progress(name, results[name])
+            progress(name, details)
+        return details
+
+    pending = dict(waits_for)
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        running: dict[Future[dict[str, Any]], str] = {}
+        while pending or running:
+            ready = [n for n, before in pending.items() if all(b in results for b in before)]
+            if not ready and not running:
+                raise RuntimeError(f"refresh steps wait for each other: {sorted(pending)}")
+            # In order, at most `parallel` at a time: with 1 this is the plain sequence.
+            for name in ready[: max(1, parallel) - len(running)]:
+                del pending[name]
+                running[pool.submit(one, name)] = name
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                # A failed step raises here; steps already running finish (each is its own
+                # transaction), nothing after it starts, and the run stays unfinished.
+                results[running.pop(future)] = future.result()
     with unit_of_work() as session:
         finish_run(session, as_of)
-    return {"as_of": as_of.isoformat(), "steps": results}
+    return {"as_of": as_of.isoformat(), "steps": {n: results[n] for n in chosen}}
 
 
 def refresh_cron(config: ScoringConfig, now: datetime | None = None) -> str:

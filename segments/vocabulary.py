@@ -1,6 +1,6 @@
 """Rule fields of segmentation: rolling windows, RFM, lifecycle, churn scores, age band.
 
-`register(vocab)` is listed in `service.vocabulary.CONTRIBUTORS`; `FACT_JOIN` tells
+`register(vocab)` is listed in `service.vocabulary.CONTRIBUTORS`; `FACT_JOINS` tells
 `service.vocabulary.load_member_facts` how to read the same values for the Python
 compiler, so both compilers see one definition.
 """
@@ -20,15 +20,17 @@ from sqlalchemy.sql.expression import FromClause
 from rules import Field, FieldType, LeapDay, Scope, SqlContext, Vocabulary
 from rules.calendar import age_on, local_today, sql_age
 from rules.vocabulary import SqlSource
-from segments.models import MemberScore, RfmSegment, Stage
+from segments.models import MemberPrediction, MemberScore, RfmSegment, Stage
 from service.models import Member, MemberStats
 
 _members = Member.__table__
 _stats = MemberStats.__table__
 _scores = MemberScore.__table__
+_predictions = MemberPrediction.__table__
 
 STATS = "stats"  # the foundation's name for the member_stats join
 SCORES = "scores"
+PREDICTIONS = "predictions"  # member_predictions, the churn fields
 
 # Completed years -> band; the upper bound is inclusive, the last band is open.
 AGE_BANDS: tuple[tuple[str, int | None], ...] = (
@@ -60,18 +62,28 @@ class FactJoin(NamedTuple):
     columns: tuple[ColumnElement[Any], ...]
 
 
-FACT_JOIN = FactJoin(
-    _scores,
-    _scores.c.member_id == _members.c.id,
-    (
-        _scores.c.r.label("rfm_r"),
-        _scores.c.f.label("rfm_f"),
-        _scores.c.m.label("rfm_m"),
-        _scores.c.rfm_segment.label("rfm_segment"),
-        _scores.c.lifecycle_stage.label("lifecycle_stage"),
-        _scores.c.p_alive.label("churn_p_alive"),
-        _scores.c.expected_purchases_90d.label("churn_expected_purchases_90d"),
-        _scores.c.expected_value.label("churn_expected_value"),
+FACT_JOINS = (
+    FactJoin(
+        _scores,
+        _scores.c.member_id == _members.c.id,
+        (
+            _scores.c.r.label("rfm_r"),
+            _scores.c.f.label("rfm_f"),
+            _scores.c.m.label("rfm_m"),
+            _scores.c.rfm_segment.label("rfm_segment"),
+            _scores.c.lifecycle_stage.label("lifecycle_stage"),
+        ),
+    ),
+    # Joined to members, not to member_scores: churn may run before a new member's first
+    # lifecycle row exists (the steps run side by side).
+    FactJoin(
+        _predictions,
+        _predictions.c.member_id == _members.c.id,
+        (
+            _predictions.c.p_alive.label("churn_p_alive"),
+            _predictions.c.expected_purchases_90d.label("churn_expected_purchases_90d"),
+            _predictions.c.expected_value.label("churn_expected_value"),
+        ),
     ),
 )
 # The window columns live on member_stats: read by the foundation's facts query.
@@ -95,7 +107,8 @@ WINDOW_ZEROS: dict[str, Any] = {
 
 
 class ScoredMemberSource:
-    """The foundation's member source, plus a LEFT JOIN of member_scores when needed."""
+    """The foundation's member source, plus LEFT JOINs of member_scores / member_predictions
+    when a rule needs them."""
 
     def __init__(self, base: SqlSource) -> None:
         self.base = base
@@ -107,6 +120,8 @@ class ScoredMemberSource:
         source = self.base.from_clause(joins)
         if SCORES in joins:
             source = source.outerjoin(_scores, _scores.c.member_id == _members.c.id)
+        if PREDICTIONS in joins:
+            source = source.outerjoin(_predictions, _predictions.c.member_id == _members.c.id)
         return source
 
     def where(self) -> ColumnElement[bool] | None:
@@ -137,7 +152,7 @@ def _age_band_py(facts: Mapping[str, Any], now: datetime) -> str | None:
 
 def fields() -> list[Field]:
     """The segmentation fields."""
-    s, sc = _stats.c, _scores.c
+    s, sc, pr = _stats.c, _scores.c, _predictions.c
     out: list[Field] = []
     for n in (30, 90, 365):
         out.append(
@@ -218,8 +233,8 @@ def fields() -> list[Field]:
             "churn.p_alive",
             FieldType.DECIMAL,
             key="churn_p_alive",
-            sql=_col(sc.p_alive),
-            joins=(SCORES,),
+            sql=_col(pr.p_alive),
+            joins=(PREDICTIONS,),
             group="churn",
             example="churn.p_alive < 0.3",
             description="BG/NBD probability that the member is still active (0-1).",
@@ -228,8 +243,8 @@ def fields() -> list[Field]:
             "churn.expected_purchases_90d",
             FieldType.DECIMAL,
             key="churn_expected_purchases_90d",
-            sql=_col(sc.expected_purchases_90d),
-            joins=(SCORES,),
+            sql=_col(pr.expected_purchases_90d),
+            joins=(PREDICTIONS,),
             group="churn",
             example="churn.expected_purchases_90d >= 1",
             description="BG/NBD expected purchase days in the next 90 days.",
@@ -238,8 +253,8 @@ def fields() -> list[Field]:
             "churn.expected_value",
             FieldType.MONEY,
             key="churn_expected_value",
-            sql=_col(sc.expected_value),
-            joins=(SCORES,),
+            sql=_col(pr.expected_value),
+            joins=(PREDICTIONS,),
             group="churn",
             example="churn.expected_value > 500",
             description="Expected spend in the next 90 days: expected purchases x the "
@@ -260,7 +275,7 @@ def fields() -> list[Field]:
 
 
 def register(vocab: Vocabulary) -> None:
-    """Register the segmentation fields and add the member_scores join to the member source."""
+    """Register the segmentation fields and add the score joins to the member source."""
     vocab.register(*fields())
     from segments.config import ScoringConfig
 

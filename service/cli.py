@@ -231,7 +231,14 @@ def keys_create(role: str, store: str | None, name: str | None) -> None:
 @click.option(
     "--rebuild", is_flag=True, help="First rebuild every statistic from the transactions."
 )
-def refresh(as_of: Any, steps: tuple[str, ...], rebuild: bool) -> None:
+@click.option(
+    "--parallel",
+    type=click.IntRange(1, 8),
+    default=2,
+    show_default=True,
+    help="Independent steps run at the same time, each on its own connection.",
+)
+def refresh(as_of: Any, steps: tuple[str, ...], rebuild: bool, parallel: int) -> None:
     """Refresh rolling windows and scores (RFM, lifecycle, churn, segments) with progress."""
     import time
     from contextlib import contextmanager
@@ -266,15 +273,16 @@ def refresh(as_of: Any, steps: tuple[str, ...], rebuild: bool) -> None:
         click.echo(f"rebuilt statistics from transactions in {time.perf_counter() - started:.1f}s")
 
     def progress(name: str, details: dict[str, Any]) -> None:
+        # Whole lines: with --parallel above 1 steps start and end interleaved.
         if details.get("status") == "started":
-            click.echo(f"{name:<16}…", nl=False)
+            click.echo(f"{name:<16} started")
             return
         extra = ", ".join(f"{k}={v}" for k, v in details.items() if k != "seconds")
-        click.echo(f" {details['seconds']:.1f}s  {extra}")
+        click.echo(f"{name:<16} {details['seconds']:.1f}s  {extra}")
 
     click.echo(f"Refreshing scores as of {day} ({scoring.timezone})")
     started = time.perf_counter()
-    run_refresh(unit, day, config=scoring, steps=chosen, progress=progress)
+    run_refresh(unit, day, config=scoring, steps=chosen, progress=progress, parallel=parallel)
     click.echo(f"done in {time.perf_counter() - started:.1f}s")
 
 

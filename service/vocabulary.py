@@ -447,7 +447,7 @@ _FACT_COLUMNS = (
     _stats.c.last_purchase_at,
     segment_membership.segment_names(_members.c.id).label(segment_membership.FACTS_KEY),
     *(_stats.c[name] for name in segment_scores.WINDOW_FACTS),
-    *segment_scores.FACT_JOIN.columns,
+    *(column for join in segment_scores.FACT_JOINS for column in join.columns),
 )
 _ZERO_IF_NO_STATS: dict[str, Any] = {
     "purchase_count": 0,
@@ -490,8 +490,9 @@ def _facts_statement() -> Any:
         _members.outerjoin(_stats, _stats.c.member_id == _members.c.id)
         .outerjoin(_stores, _stores.c.id == _members.c.home_store_id)
         .outerjoin(_regions, _regions.c.id == _stores.c.region_id)
-        .outerjoin(segment_scores.FACT_JOIN.table, segment_scores.FACT_JOIN.onclause)
     )
+    for join in segment_scores.FACT_JOINS:
+        source = source.outerjoin(join.table, join.onclause)
     ids: Any = bindparam("ids", expanding=True)
     return select(*_FACT_COLUMNS).select_from(source).where(_members.c.id.in_(ids))
 

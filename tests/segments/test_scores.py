@@ -22,8 +22,14 @@ AS_OF = date(2026, 6, 30)
 
 
 def scores(session: Session, ids: list[int]) -> dict[int, dict[str, Any]]:
+    """member_scores rows with the member's churn predictions (None where there are none)."""
     rows = session.execute(
-        text("SELECT * FROM member_scores WHERE member_id = ANY(:ids)"), {"ids": ids}
+        text(
+            "SELECT sc.*, p.p_alive, p.expected_purchases_90d, p.expected_value"
+            " FROM member_scores sc LEFT JOIN member_predictions p USING (member_id)"
+            " WHERE member_id = ANY(:ids)"
+        ),
+        {"ids": ids},
     ).mappings()
     return {r["member_id"]: dict(r) for r in rows}
 
