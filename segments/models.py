@@ -106,7 +106,8 @@ class MemberScore(Base):
         CheckConstraint("r BETWEEN 1 AND 5 AND f BETWEEN 1 AND 5 AND m BETWEEN 1 AND 5", "rfm"),
         CheckConstraint(_in("rfm_segment", RfmSegment), "rfm_segment"),
         CheckConstraint(_in("lifecycle_stage", Stage), "lifecycle_stage"),
-        # Rewritten daily for most rows: room on each page keeps the updates HOT.
+        # Rows whose stage or RFM scores change are updated daily: room on each page keeps
+        # those updates HOT (churn predictions, rewritten for most members, live apart).
         {"postgresql_with": {"fillfactor": 70}},
     )
 

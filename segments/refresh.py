@@ -7,9 +7,9 @@ second time. The same steps run in-process (`patron refresh`, tests) or as RQ jo
 scheduler and `POST /v1/scores/refresh`).
 
 Steps that neither write the same rows nor read each other's output run at the same time
-(`STEP_AFTER`): after the windows, lifecycle → RFM → snapshot (all three touch
-`member_scores`) beside churn (its own table) and the tier review; custom segments last,
-since rules may test any score.
+(`STEP_AFTER`): after the windows, lifecycle → RFM (both write `member_scores`) beside
+churn (its own table) and the tier review; then custom segments (rules may test any
+score) beside the monthly snapshot of the RFM scores.
 """
 
 from __future__ import annotations
@@ -140,7 +140,9 @@ STEP_AFTER: dict[str, tuple[str, ...]] = {
     "churn": ("windows",),
     "snapshot": ("rfm",),
     "tiers": ("windows",),
-    "custom_segments": ("windows", "lifecycle", "rfm", "churn", "snapshot", "tiers"),
+    # Rules read scores, predictions and tiers, never the monthly snapshot (which only
+    # copies RFM scores aside), so the snapshot runs beside the segments.
+    "custom_segments": ("windows", "lifecycle", "rfm", "churn", "tiers"),
 }
 
 
