@@ -14,7 +14,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -573,17 +573,24 @@ def dynamic_segment_ids(session: Session) -> list[int]:
 
 
 def refresh_all(
-    session: Session, as_of: datetime, vocab: Vocabulary | None = None
+    session: Session,
+    as_of: datetime,
+    vocab: Vocabulary | None = None,
+    *,
+    include: Callable[[Rule], bool] | None = None,
 ) -> list[RefreshResult]:
     """Refresh every active dynamic segment in this session, sharing one scan of the members.
 
     The segments are evaluated together (`refresh_many`); those whose rule reads segment
     memberships follow one by one, so they see what the shared pass wrote. If the shared
     pass fails, every segment is refreshed on its own, and one failure skips only its
-    segment.
+    segment. With `include`, only the segments whose current rule it accepts (the daily
+    refresh refreshes the segments on statistics alone before the scores are ready).
     """
     vocab = vocab or default_vocabulary()
     ids = dynamic_segment_ids(session)
+    if include is not None:
+        ids = [i for i in ids if _included(session, i, vocab, include)]
     try:
         with session.begin_nested():
             results, later = refresh_many(session, ids, as_of, vocab)
@@ -597,6 +604,16 @@ def refresh_all(
         except Exception:
             log.exception("refresh of segment %s as of %s failed", segment_id, as_of)
     return results
+
+
+def _included(
+    session: Session, segment_id: int, vocab: Vocabulary, include: Callable[[Rule], bool]
+) -> bool:
+    try:
+        rule, _ = _dynamic_rule(session, _segment_row(session, segment_id), vocab)
+    except Exception:
+        return True  # refresh_many logs and skips a rule that does not compile
+    return include(rule)
 
 
 # Per-transaction scratch tables of the shared refresh (ON COMMIT DROP; not in the models).

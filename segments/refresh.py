@@ -8,8 +8,8 @@ scheduler and `POST /v1/scores/refresh`).
 
 Steps that neither write the same rows nor read each other's output run at the same time
 (`STEP_AFTER`): after the windows, lifecycle → RFM (both write `member_scores`) beside
-churn (its own table) and the tier review; then custom segments (rules may test any
-score) beside the monthly snapshot of the RFM scores.
+churn (its own table), the tier review and the custom segments whose rules read no score;
+then the other custom segments beside the monthly snapshot of the RFM scores.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from rules import Rule, Vocabulary
 from segments import lifecycle, predict, rfm, stats
 from segments.config import ScoringConfig
 
@@ -95,8 +96,23 @@ def refresh_instant(as_of: date, config: ScoringConfig) -> datetime:
     )
 
 
-def step_custom_segments(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
-    """Custom segment memberships (segments.custom), when that package provides them."""
+def reads_statistics_only(rule: Rule, vocab: Vocabulary) -> bool:
+    """True when a rule reads nothing the lifecycle, RFM and churn steps write (no score or
+    prediction field) and no segment membership: it can be evaluated once the windows (and
+    tiers) are fresh, beside those steps."""
+    from segments.membership import FIELD as MEMBERSHIP_FIELD
+    from segments.vocabulary import PREDICTIONS, SCORES
+
+    for name in rule.fields:
+        found = vocab.get(name)
+        if name == MEMBERSHIP_FIELD or found is None or {SCORES, PREDICTIONS} & set(found.joins):
+            return False
+    return True
+
+
+def _custom_segments(
+    as_of: date, config: ScoringConfig, session: Session, *, statistics_only: bool
+) -> dict[str, Any]:
     try:
         custom = importlib.import_module("segments.custom")
     except ImportError:
@@ -104,9 +120,26 @@ def step_custom_segments(session: Session, as_of: date, config: ScoringConfig) -
     refresh_all = getattr(custom, "refresh_all", None)
     if refresh_all is None:
         return {"skipped": "segments.custom has no refresh_all"}
-    # A fixed instant per date keeps a re-run of the date a no-op there too.
-    outcome = refresh_all(session, refresh_instant(as_of, config))
+    from service.vocabulary import default_vocabulary
+
+    vocab = default_vocabulary()
+    include = (lambda rule: reads_statistics_only(rule, vocab)) if statistics_only else None
+    # A fixed instant per date keeps a re-run of the date a no-op there too (and makes the
+    # second step replay what the first refreshed).
+    outcome = refresh_all(session, refresh_instant(as_of, config), vocab, include=include)
     return {"segments": len(outcome) if isinstance(outcome, list) else outcome}
+
+
+def step_custom_segments_stats(
+    session: Session, as_of: date, config: ScoringConfig
+) -> dict[str, Any]:
+    """Custom segments whose rules read member fields and statistics only (not scores)."""
+    return _custom_segments(as_of, config, session, statistics_only=True)
+
+
+def step_custom_segments(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """Every other custom segment (those refreshed earlier for this date are replayed)."""
+    return _custom_segments(as_of, config, session, statistics_only=False)
 
 
 def step_tiers(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
@@ -125,6 +158,7 @@ REFRESH_STEPS: list[tuple[str, Step]] = [
     ("snapshot", step_snapshot),
     # After the windows (it reads them), before segments (rules may test the tier).
     ("tiers", step_tiers),
+    ("custom_segments_stats", step_custom_segments_stats),
     ("custom_segments", step_custom_segments),
 ]
 
@@ -140,9 +174,11 @@ STEP_AFTER: dict[str, tuple[str, ...]] = {
     "churn": ("windows",),
     "snapshot": ("rfm",),
     "tiers": ("windows",),
-    # Rules read scores, predictions and tiers, never the monthly snapshot (which only
-    # copies RFM scores aside), so the snapshot runs beside the segments.
-    "custom_segments": ("windows", "lifecycle", "rfm", "churn", "tiers"),
+    # Segments whose rules read no score start once windows and tiers are fresh, beside
+    # lifecycle, RFM and churn; the others wait for those too. Rules never read the
+    # monthly snapshot (it copies RFM scores aside), so it runs beside the segments.
+    "custom_segments_stats": ("windows", "tiers"),
+    "custom_segments": ("windows", "lifecycle", "rfm", "churn", "tiers", "custom_segments_stats"),
 }
 
 

@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session
 
 from bench.bench_custom_segments import SEGMENTS
+from rules import parse_rule
 from segments import custom, refresh
 from segments.config import ScoringConfig
 from segments.models_custom import SegmentKind
@@ -29,6 +30,12 @@ from service.vocabulary import default_vocabulary
 from tests.segments.conftest import TZ, add_member, add_purchase
 
 DAYS = (date(2026, 6, 29), date(2026, 6, 30))
+# Rules on scores: refreshed only once lifecycle, RFM and churn have run.
+SCORED = {
+    "champions": 'rfm.segment = "champions"',
+    "active-unlikely": 'lifecycle.stage = "active" and churn.p_alive < 0.9',
+    "in-two": 'segment in ("big-spenders") and purchase_count >= 2',
+}
 # Everything the refresh writes (without the columns of IGNORED_COLUMNS).
 TABLES = {
     "member_stats": "SELECT * FROM member_stats ORDER BY member_id",
@@ -67,7 +74,7 @@ def _seed(session: Session) -> None:
             if when.date() < DAYS[0]:
                 add_purchase(session, member, stores[k % 3], when, f"{rng.randrange(5, 900)}.50")
     vocabulary = default_vocabulary()
-    for name, rule in list(SEGMENTS.items())[:8]:
+    for name, rule in [*list(SEGMENTS.items())[:8], *SCORED.items()]:
         custom.create_segment(
             session, vocabulary, name, kind=SegmentKind.DYNAMIC, rule=rule, actor="test"
         )
@@ -161,7 +168,18 @@ def test_parallel_refresh_writes_what_the_sequence_writes(
 
     expected, got = _contents(serial), _contents(parallel)
     assert got["member_scores"], "the seeded members were not scored"
-    assert got["memberships"], "no custom segment has members"
+    with parallel.connect() as conn:
+        sizes = dict(
+            conn.execute(
+                text(
+                    "SELECT s.name, count(m.member_id) FROM segments s"
+                    " LEFT JOIN segment_memberships m ON m.segment_id = s.id GROUP BY s.name"
+                )
+            ).all()
+        )
+    # Every segment on scores has members: a step ordering that evaluated them before the
+    # scores existed would give them none (or other ones than the sequence does).
+    assert all(sizes[name] > 0 for name in SCORED), sizes
     for name in TABLES:
         assert got[name] == expected[name], name
 
@@ -175,5 +193,16 @@ def test_steps_wait_for_what_they_read() -> None:
     # The three steps that write member_scores form one chain.
     assert "lifecycle" in waits["rfm"] and "rfm" in waits["snapshot"]
     assert set(waits["custom_segments"]) == set(order) - {"custom_segments", "snapshot"}
+    assert set(waits["custom_segments_stats"]) == {"windows", "tiers"}
     # A subset keeps only the chosen prerequisites.
     assert refresh.prerequisites(["windows", "rfm"]) == {"windows": [], "rfm": ["windows"]}
+
+
+def test_only_rules_without_scores_are_refreshed_early() -> None:
+    vocab = default_vocabulary()
+    early = {
+        name: refresh.reads_statistics_only(parse_rule(rule, vocab), vocab)
+        for name, rule in [*SEGMENTS.items(), *SCORED.items()]
+    }
+    assert all(early[name] for name in SEGMENTS)
+    assert not any(early[name] for name in SCORED)
