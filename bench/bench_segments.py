@@ -11,8 +11,9 @@ Steps, each timed:
 1. migrate to heads (adds the window columns and the transactions(occurred_at) index),
    ``ANALYZE``;
 2. the full rebuild of member_stats from transactions (lifetime, windows, purchase days,
-   median gaps) as of ``--as-of - 1 day``, then a first refresh of that date (untimed
-   warm-up: it creates every member_scores row);
+   median gaps) as of ``--as-of - 1 day``, computed by ``--rebuild-parts`` connections
+   side by side (``--rebuild-only`` stops after it), then a first refresh of that date
+   (untimed warm-up: it creates every member_scores row);
 3. "a day passes": ``--dirty`` members get their statistics touched (what a day of
    purchases does; the others count as loaded days ago) and the daily refresh of
    ``--as-of`` runs: window ageing, history of the touched members, lifecycle, RFM,
@@ -117,7 +118,10 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f} {len(p)} {len(g)}")
 
 # The segmentation steps (issue 4's daily refresh); other packages append their own steps
 # (tiers, campaigns), which have their own benchmarks.
-SEGMENT_STEPS = ["windows", "lifecycle", "rfm", "churn", "snapshot", "custom_segments"]
+SEGMENT_STEPS = [
+    *("windows", "lifecycle", "rfm", "churn", "snapshot"),
+    *("custom_segments_stats", "custom_segments"),
+]
 
 
 def _create_segments(engine: Any, n: int) -> list[int]:
@@ -195,28 +199,42 @@ def _a_day_of_purchases(
 
 
 class _BackendCpu:
-    """User + system CPU seconds of the one PostgreSQL backend serving this benchmark.
+    """User + system CPU seconds of the PostgreSQL backends serving this benchmark.
 
-    On a shared machine wall time depends on everyone else; the backend's CPU time does not
-    (with --serial no parallel workers run, so it is all the database's work). The server
+    On a shared machine wall time depends on everyone else; the backends' CPU time does not
+    (with --serial no parallel workers run, so it is all the database's work). The engine's
+    pool is fixed (no overflow) and every one of its connections is opened up front, so
+    these backends are all there is (the full rebuild's parts and the refresh steps run
+    side by side included). The server
     must be on this machine (read from /proc).
     """
 
-    def __init__(self, engine: Any, pid: int) -> None:
-        self.engine, self.pid = engine, pid
+    def __init__(self, engine: Any, size: int) -> None:
+        self.engine = engine
         self.tick = os.sysconf("SC_CLK_TCK")
+        self.pids = self._pids(size)
+
+    def _pids(self, size: int) -> set[int]:
+        conns = [self.engine.connect() for _ in range(size)]
+        try:
+            return {int(c.scalar(text("SELECT pg_backend_pid()"))) for c in conns}
+        finally:
+            for c in conns:
+                c.close()
 
     def seconds(self) -> float:
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            return float("nan")
-        return (int(fields[11]) + int(fields[12])) / self.tick
+        total = 0.0
+        for pid in self.pids:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                return float("nan")
+            total += (int(fields[11]) + int(fields[12])) / self.tick
+        return total
 
     def check(self) -> None:
-        with self.engine.connect() as conn:
-            if int(conn.scalar(text("SELECT pg_backend_pid()"))) != self.pid:
-                _log("warning: the backend changed during the run; CPU figures are incomplete")
+        if self._pids(len(self.pids)) != self.pids:
+            _log("warning: the backends changed during the run; CPU figures are incomplete")
 
 
 def main() -> None:
@@ -242,28 +260,44 @@ def main() -> None:
         help="also time the pandas RFM script over this transactions export (generate.py's)",
     )
     parser.add_argument("--skip-rebuild", action="store_true")
+    parser.add_argument(
+        "--rebuild-only",
+        action="store_true",
+        help="time only the full rebuild (no segments, refreshes or pandas)",
+    )
+    parser.add_argument(
+        "--rebuild-parts",
+        type=int,
+        default=stats.REBUILD_PARTS,
+        help="connections computing the full rebuild side by side (1: one statement)",
+    )
     parser.add_argument("--skip-pandas", action="store_true")
     parser.add_argument("--timezone", default="Asia/Shanghai")
     parser.add_argument(
+        "--parallel",
+        type=int,
+        default=2,
+        help="refresh steps run side by side (segments.refresh.STEP_AFTER); 1: in sequence",
+    )
+    parser.add_argument(
         "--serial",
         action="store_true",
-        help="no parallel query workers: the backend's CPU time is then all the work",
+        help="no parallel query workers: the backends' CPU time is then all the work",
     )
     args = parser.parse_args()
 
-    # One pooled connection, so one backend does all the work and its CPU time can be read.
+    # A fixed pool: the main connection plus one per part of the split full rebuild, so a
+    # known set of backends does all the work and their CPU time can be read.
     options = "-c max_parallel_workers_per_gather=0" if args.serial else ""
     engine = create_engine(
         normalise_url(args.database_url),
-        pool_size=1,
+        pool_size=max(1 + args.rebuild_parts, args.parallel),
         max_overflow=0,
         connect_args={"options": options} if options else {},
     )
     config = ScoringConfig.from_mapping({"timezone": args.timezone})
     results: dict[str, Any] = {"machine": {"cpus": os.cpu_count()}, "serial": args.serial}
-    with engine.connect() as conn:
-        backend = int(conn.scalar(text("SELECT pg_backend_pid()")))
-    cpu = _BackendCpu(engine, backend)
+    cpu = _BackendCpu(engine, max(1 + args.rebuild_parts, args.parallel))
 
     started = time.perf_counter()
     migrate.upgrade(engine)
@@ -287,7 +321,7 @@ def main() -> None:
         with Session(engine) as session, session.begin():
             yield session
 
-    if args.segments:
+    if args.segments and not args.rebuild_only:
         ids = _create_segments(engine, args.segments)
         _log(f"{len(ids)} dynamic segments defined (bench.bench_custom_segments.SEGMENTS)")
 
@@ -304,7 +338,9 @@ def main() -> None:
         with unit() as session:
             session.execute(text("SET LOCAL work_mem = '256MB'"))
             t, c = time.perf_counter(), cpu.seconds()
-            stats.rebuild_all_stats(session, yesterday, timezone=config.timezone)
+            stats.rebuild_all_stats(
+                session, yesterday, timezone=config.timezone, parts=args.rebuild_parts
+            )
             seconds, used = time.perf_counter() - t, cpu.seconds() - c
         results["full_rebuild_seconds"] = round(seconds, 2)
         results["full_rebuild_backend_cpu"] = round(used, 2)
@@ -316,12 +352,15 @@ def main() -> None:
             conn.execution_options(isolation_level="AUTOCOMMIT").execute(
                 text("VACUUM ANALYZE member_stats")
             )
+    if args.rebuild_only:
+        print(json.dumps(results, indent=2, default=str))
+        return
     # The data was loaded days ago as far as the refresh is concerned: otherwise every
     # member counts as changed since the last run (the import touched them all).
     with unit() as session:
         session.execute(text("UPDATE member_stats SET updated_at = now() - interval '2 days'"))
     t = time.perf_counter()
-    refresh.run_refresh(unit, yesterday, config=config, steps=SEGMENT_STEPS)
+    refresh.run_refresh(unit, yesterday, config=config, steps=SEGMENT_STEPS, parallel=args.parallel)
     _log(f"warm-up refresh of {yesterday}: {time.perf_counter() - t:.1f}s ({_load()})")
     with engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(
@@ -342,7 +381,12 @@ def main() -> None:
 
         t, c = time.perf_counter(), cpu.seconds()
         out = refresh.run_refresh(
-            unit, as_of, config=config, steps=SEGMENT_STEPS, progress=progress
+            unit,
+            as_of,
+            config=config,
+            steps=SEGMENT_STEPS,
+            progress=progress,
+            parallel=args.parallel,
         )
         seconds, used = time.perf_counter() - t, cpu.seconds() - c
         steps = {k: v["seconds"] for k, v in out["steps"].items()}
