@@ -26,48 +26,59 @@ from sqlalchemy.orm import Session
 from segments.config import ScoringConfig
 from service.errors import ValidationFailed
 
-_DAYS_SINCE = "GREATEST(CAST(:as_of AS date) - CAST(timezone(:tz, s.{col}) AS date), 0)"
-STAGE_SQL = f"""
+# The stage from `d` and `d1` (local days since the last and the first purchase, NULL
+# without one) and the statistics columns of `s` (the rows of _DAYS below).
+STAGE_SQL = """
     CASE
         WHEN s.last_purchase_at IS NULL THEN 'never_purchased'
-        WHEN {_DAYS_SINCE.format(col="first_purchase_at")} < :new_days THEN 'new'
-        WHEN {_DAYS_SINCE.format(col="last_purchase_at")} <= :active_days THEN
+        WHEN d1 < :new_days THEN 'new'
+        WHEN d <= :active_days THEN
             CASE WHEN CAST(:personal_k AS numeric) > 0
                       AND s.purchase_days >= :personal_min_days
                       AND s.median_interpurchase_days > 0
-                      AND {_DAYS_SINCE.format(col="last_purchase_at")}
-                          > CAST(:personal_k AS numeric) * s.median_interpurchase_days
+                      AND d > CAST(:personal_k AS numeric) * s.median_interpurchase_days
                  THEN 'at_risk' ELSE 'active' END
-        WHEN {_DAYS_SINCE.format(col="last_purchase_at")} <= :at_risk_days THEN 'at_risk'
-        WHEN {_DAYS_SINCE.format(col="last_purchase_at")} <= :dormant_days THEN 'dormant'
+        WHEN d <= :at_risk_days THEN 'at_risk'
+        WHEN d <= :dormant_days THEN 'dormant'
         ELSE 'lost'
     END
 """
 
-# One statement: compute every active member's stage, log the changes against the stored
-# stage (the CTEs all read the table as it was before the statement), upsert the stages.
+# Every active member with their statistics and local days since the first and the last
+# purchase. OFFSET 0 keeps the planner from pulling the subquery up, which would copy the
+# time zone conversions into every use of d in STAGE_SQL (up to four per member).
+_DAYS = """
+    SELECT mb.id AS member_id, s.last_purchase_at, s.purchase_days, s.median_interpurchase_days,
+           GREATEST(CAST(:as_of AS date) - CAST(timezone(:tz, s.first_purchase_at) AS date), 0)
+               AS d1,
+           GREATEST(CAST(:as_of AS date) - CAST(timezone(:tz, s.last_purchase_at) AS date), 0)
+               AS d
+    FROM members mb LEFT JOIN member_stats s ON s.member_id = mb.id
+    WHERE mb.status = 'active'
+    OFFSET 0
+"""
+
+# One statement: compute every active member's stage, compare it with the stored stage in
+# one join (the CTEs all read the table as it was before the statement), log the changes
+# and upsert the new and changed stages.
 _REFRESH = f"""
     WITH fresh AS (
-        SELECT mb.id AS member_id, {STAGE_SQL} AS stage
-        FROM members mb LEFT JOIN member_stats s ON s.member_id = mb.id
-        WHERE mb.status = 'active'
-    ), changed AS (
-        SELECT f.member_id, sc.lifecycle_stage AS old, f.stage
-        FROM fresh f JOIN member_scores sc USING (member_id)
-        WHERE sc.lifecycle_stage <> f.stage
+        SELECT member_id, {STAGE_SQL} AS stage FROM ({_DAYS}) s
+    ), changed AS MATERIALIZED (
+        -- Only new and changed rows go on: an anti-join is far cheaper than a conflict
+        -- check per member on a day when few stages change.
+        SELECT f.member_id, old.lifecycle_stage AS old, f.stage
+        FROM fresh f LEFT JOIN member_scores old USING (member_id)
+        WHERE old.lifecycle_stage IS DISTINCT FROM f.stage
     ), logged AS (
         INSERT INTO lifecycle_changes AS lc (member_id, changed_on, from_stage, to_stage)
-        SELECT member_id, :as_of, old, stage FROM changed
+        SELECT member_id, :as_of, old, stage FROM changed WHERE old IS NOT NULL
         -- Re-running a date keeps the stage the member had before that date.
         ON CONFLICT (member_id, changed_on) DO UPDATE SET to_stage = EXCLUDED.to_stage
         RETURNING 1
     ), written AS (
-        -- Only new and changed rows reach the upsert: an anti-join is far cheaper than a
-        -- conflict check per member on a day when few stages change.
         INSERT INTO member_scores AS sc (member_id, as_of, lifecycle_stage, stage_since)
-        SELECT f.member_id, :as_of, f.stage, :as_of
-        FROM fresh f LEFT JOIN member_scores old USING (member_id)
-        WHERE old.lifecycle_stage IS DISTINCT FROM f.stage
+        SELECT member_id, :as_of, stage, :as_of FROM changed
         ON CONFLICT (member_id) DO UPDATE SET
             lifecycle_stage = EXCLUDED.lifecycle_stage, stage_since = EXCLUDED.stage_since,
             as_of = EXCLUDED.as_of

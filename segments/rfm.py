@@ -76,19 +76,84 @@ def _check_lookback(config: ScoringConfig) -> int:
     return config.rfm_lookback_days
 
 
-def compute_cut_points(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
-    """The four cut points per dimension (quintiles or configured thresholds) and the count."""
+# One statement: the population once (materialised), its quintiles for the dimensions
+# scored by quintile, each member's scores computed once (OFFSET 0 keeps the planner from
+# copying the comparisons into every use of r, f and m), then every score row compared
+# with its new scores in one join and only the rows that change updated (measured cheaper
+# than an update by inner join plus one by anti-join for the members who left).
+_SCORE = """
+    WITH p AS MATERIALIZED ({population}), k AS (
+        SELECT n, r_q, f_q, m_q, {cuts}
+        FROM (SELECT count(*) AS n, {r_q} AS r_q, {f_q} AS f_q, {m_q} AS m_q FROM p) q
+    ), named AS (
+        SELECT member_id, frequency, monetary, r, f, m,
+               (CAST(:grid AS text[]))[(5 - r) * 5 + (f + m + 1) / 2] AS rfm_segment
+        FROM (
+            SELECT member_id, frequency, monetary,
+                   5 - ({r_above}) AS r, 1 + ({f_above}) AS f, 1 + ({m_above}) AS m
+            FROM p CROSS JOIN k
+            OFFSET 0
+        ) scored
+    ), diff AS MATERIALIZED (
+        -- New scores, all NULL for members who left the population.
+        SELECT x.member_id, n.r, n.f, n.m, n.rfm_segment, n.frequency, n.monetary
+        FROM member_scores x LEFT JOIN named n USING (member_id)
+        WHERE (x.r, x.f, x.m, x.rfm_segment, x.frequency, x.monetary)
+              IS DISTINCT FROM (n.r, n.f, n.m, n.rfm_segment, n.frequency, n.monetary)
+    ), written AS (
+        UPDATE member_scores sc SET
+            r = d.r, f = d.f, m = d.m, rfm_segment = d.rfm_segment,
+            frequency = d.frequency, monetary = d.monetary, as_of = :as_of
+        FROM diff d
+        WHERE sc.member_id = d.member_id
+        RETURNING 1
+    )
+    SELECT n, r_q, f_q, m_q, (SELECT count(*) FROM written) AS changed FROM k
+"""
+_VALUE = {"r": "recency", "f": "frequency", "m": "monetary"}
+
+
+def _above(column: str, dim: str) -> str:
+    return " + ".join(f"CAST({column} > k.{dim}{i} AS integer)" for i in range(4))
+
+
+def score_members(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
+    """Write R, F, M and the named segment of every member (set-based); returns the cut
+    points (quintiles of the scored members or configured thresholds) and the count."""
     lookback = _check_lookback(config)
-    row = session.execute(
-        text(
-            f"SELECT count(*) AS n,"
-            f" percentile_disc({_QUINTILES}) WITHIN GROUP (ORDER BY recency) AS r,"
-            f" percentile_disc({_QUINTILES}) WITHIN GROUP (ORDER BY frequency) AS f,"
-            f" percentile_disc({_QUINTILES}) WITHIN GROUP (ORDER BY monetary) AS m"
-            f" FROM ({_population(lookback)}) p"
-        ),
-        {"as_of": as_of, "tz": config.timezone},
-    ).one()
+    # Million-row passes: JIT compilation costs more than it saves, and the sorts and hash
+    # joins want more than the 4 MB default.
+    session.execute(text("SET LOCAL jit = off"))
+    session.execute(text("SET LOCAL work_mem = '64MB'"))
+    params: dict[str, Any] = {
+        "as_of": as_of,
+        "tz": config.timezone,
+        "grid": [str(c) for row in config.segment_grid for c in row],
+    }
+    quantiles: dict[str, str] = {}
+    cuts_sql: list[str] = []
+    for dim in ("r", "f", "m"):
+        if getattr(config, f"{dim}_method") == "thresholds":
+            # No sort for a dimension cut by configured thresholds.
+            quantiles[dim] = "CAST(NULL AS numeric[])"
+            fixed = [Decimal(str(v)) for v in getattr(config, f"{dim}_thresholds")]
+            params.update({f"{dim}{i}": v for i, v in enumerate(fixed)})
+            cuts_sql += [f"CAST(:{dim}{i} AS numeric) AS {dim}{i}" for i in range(4)]
+        else:
+            value = _VALUE[dim]
+            quantiles[dim] = f"percentile_disc({_QUINTILES}) WITHIN GROUP (ORDER BY {value})"
+            cuts_sql += [f"CAST({dim}_q[{i + 1}] AS numeric) AS {dim}{i}" for i in range(4)]
+    sql = _SCORE.format(
+        population=_population(lookback),
+        cuts=", ".join(cuts_sql),
+        r_q=quantiles["r"],
+        f_q=quantiles["f"],
+        m_q=quantiles["m"],
+        r_above=_above("recency", "r"),
+        f_above=_above("frequency", "f"),
+        m_above=_above("monetary", "m"),
+    )
+    row = session.execute(text(sql), params).one()
     cuts: dict[str, Any] = {"members": int(row.n), "lookback_days": lookback, "method": {}}
     for dim in ("r", "f", "m"):
         method = getattr(config, f"{dim}_method")
@@ -96,64 +161,11 @@ def compute_cut_points(session: Session, as_of: date, config: ScoringConfig) -> 
         if method == "thresholds":
             values: list[Any] = list(getattr(config, f"{dim}_thresholds"))
         else:
-            values = list(getattr(row, dim) or [])
+            values = list(getattr(row, f"{dim}_q") or [])
         if dim == "m":
             values = [str(Decimal(str(v))) for v in values]
         cuts[dim] = values
-    return cuts
-
-
-_SCORE = """
-    WITH p AS ({population}), scored AS (
-        SELECT member_id, frequency, monetary,
-               5 - ({r_above}) AS r, 1 + ({f_above}) AS f, 1 + ({m_above}) AS m
-        FROM p
-    ), named AS (
-        SELECT member_id, frequency, monetary, r, f, m,
-               (CAST(:grid AS text[]))[(5 - r) * 5 + (f + m + 1) / 2] AS rfm_segment
-        FROM scored
-    )
-    UPDATE member_scores sc SET
-        r = n.r, f = n.f, m = n.m, rfm_segment = n.rfm_segment,
-        frequency = n.frequency, monetary = n.monetary, as_of = :as_of
-    FROM member_scores x LEFT JOIN named n USING (member_id)
-    WHERE sc.member_id = x.member_id
-      AND (sc.r, sc.f, sc.m, sc.rfm_segment, sc.frequency, sc.monetary)
-          IS DISTINCT FROM (n.r, n.f, n.m, n.rfm_segment, n.frequency, n.monetary)
-"""
-
-
-def _above(column: str, name: str) -> str:
-    return " + ".join(f"CAST({column} > CAST(:{name}{i} AS numeric) AS integer)" for i in range(4))
-
-
-def score_members(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
-    """Write R, F, M and the named segment of every member (set-based); returns the cut points."""
-    # Million-row passes: JIT compilation costs more than it saves, and the sorts and hash
-    # joins want more than the 4 MB default.
-    session.execute(text("SET LOCAL jit = off"))
-    session.execute(text("SET LOCAL work_mem = '64MB'"))
-    cuts = compute_cut_points(session, as_of, config)
-    params: dict[str, Any] = {
-        "as_of": as_of,
-        "tz": config.timezone,
-        "grid": [str(c) for row in config.segment_grid for c in row],
-    }
-    if cuts["members"] == 0:
-        # Nobody to score: only clear what an earlier run wrote.
-        for dim in ("r", "f", "m"):
-            params.update({f"{dim}{i}": 0 for i in range(4)})
-    else:
-        for dim in ("r", "f", "m"):
-            params.update({f"{dim}{i}": Decimal(str(v)) for i, v in enumerate(cuts[dim])})
-    sql = _SCORE.format(
-        population=_population(cuts["lookback_days"]),
-        r_above=_above("recency", "r"),
-        f_above=_above("frequency", "f"),
-        m_above=_above("monetary", "m"),
-    )
-    changed = session.execute(text(sql), params)
-    cuts["changed"] = int(changed.rowcount)  # type: ignore[attr-defined]
+    cuts["changed"] = int(row.changed)
     return cuts
 
 

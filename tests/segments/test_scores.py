@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from decimal import Decimal
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from segments import lifecycle, refresh, rfm
 from segments.config import DEFAULT_SEGMENT_GRID, ConfigError, ScoringConfig
 from segments.models import RfmSegment
-from tests.segments.conftest import add_member, add_purchase
+from tests.segments.conftest import TZ, add_member, add_purchase
 from tests.segments.test_stats import local
 
 AS_OF = date(2026, 6, 30)
@@ -322,3 +326,215 @@ def test_upcoming_birthdays_across_year_end_and_leap_day(
     check = compile_py(rule, vocab).at(now)
     # eve is still 34 in New York (her birthday is tomorrow there); jan is 15.
     assert in_sql == {i for i in ids if check(facts[i])} == {jan}
+
+
+# --- the set-based steps against the definitions, written out in Python --------------------
+
+# Days since the last purchase either side of the default lifecycle thresholds.
+_EDGES = (29, 30, 31, 89, 90, 91, 179, 180, 181, 364, 365, 366)
+_stats_row = st.one_of(
+    st.none(),  # no statistics row: never purchased
+    st.tuples(
+        # Days from the last purchase to the date (-1: a day after), often at a threshold.
+        st.one_of(st.integers(-1, 420), st.sampled_from(_EDGES)),
+        st.integers(0, 23),  # local hour of the last purchase
+        # Days from the first purchase to the date (at least those from the last).
+        st.one_of(st.integers(0, 420), st.sampled_from(_EDGES)),
+        st.integers(0, 6),  # purchases in the look-back window (ties on purpose)
+        st.one_of(
+            st.sampled_from([Decimal("50.00"), Decimal("300.00")]), st.decimals(0, 8000, places=2)
+        ),
+        st.integers(1, 4),  # purchase days (about personal_min_days)
+        st.one_of(st.none(), st.decimals(0, 40, places=1)),  # median gap
+    ),
+)
+_cuts = st.lists(st.decimals(0, 400, places=1), min_size=4, max_size=4, unique=True).map(sorted)
+
+
+def _local_days(as_of: date, at: datetime) -> int:
+    return max((as_of - at.astimezone(ZoneInfo(TZ)).date()).days, 0)
+
+
+def _expected_stage(row: tuple[Any, ...] | None, as_of: date, c: ScoringConfig) -> str:
+    if row is None:
+        return "never_purchased"
+    first, last, _, _, days, median = row
+    d, d1 = _local_days(as_of, last), _local_days(as_of, first)
+    if d1 < c.new_days:
+        return "new"
+    if d <= c.active_days:
+        personal = (
+            c.personal_k > 0 and days >= c.personal_min_days and median is not None and median > 0
+        )
+        return "at_risk" if personal and d > Decimal(str(c.personal_k)) * median else "active"
+    if d <= c.at_risk_days:
+        return "at_risk"
+    return "dormant" if d <= c.dormant_days else "lost"
+
+
+def _expected_rfm(
+    rows: dict[int, tuple[Any, ...] | None], as_of: date, c: ScoringConfig
+) -> tuple[dict[str, list[Any]], dict[int, tuple[Any, ...]]]:
+    scored = {m: row for m, row in rows.items() if row is not None and row[2] > 0}
+    values = {
+        "r": [_local_days(as_of, row[1]) for row in scored.values()],
+        "f": [row[2] for row in scored.values()],
+        "m": [row[3] for row in scored.values()],
+    }
+    cuts: dict[str, list[Any]] = {}
+    for dim, vals in values.items():
+        if getattr(c, f"{dim}_method") == "thresholds":
+            # The thresholds as written (SQL compares with the decimal, not the binary float).
+            cuts[dim] = [Decimal(str(v)) for v in getattr(c, f"{dim}_thresholds")]
+        else:
+            # percentile_disc: the first value whose position reaches the fraction (the
+            # fraction times the count in double precision, as PostgreSQL computes it).
+            ordered = sorted(vals)
+            cuts[dim] = (
+                [ordered[max(math.ceil(p * len(ordered)), 1) - 1] for p in (0.2, 0.4, 0.6, 0.8)]
+                if ordered
+                else []
+            )
+    out = {}
+    for m, row in scored.items():
+        r = rfm.score_value(_local_days(as_of, row[1]), cuts["r"], reverse=True)
+        f = rfm.score_value(row[2], cuts["f"], reverse=False)
+        mm = rfm.score_value(row[3], cuts["m"], reverse=False)
+        out[m] = (r, f, mm, rfm.segment_for(r, f, mm, c), row[2], row[3])
+    return cuts, out
+
+
+def _write_stats(
+    session: Session, lookback: int, as_of: date, rows: dict[int, tuple[Any, ...] | None]
+) -> dict[int, tuple[Any, ...] | None]:
+    """Store generated statistics; returns them as (first, last, count, spend, days, median)."""
+    session.execute(
+        text("DELETE FROM member_stats WHERE member_id = ANY(:ids)"), {"ids": list(rows)}
+    )
+    stored: dict[int, tuple[Any, ...] | None] = {}
+    for member, gen in rows.items():
+        if gen is None:
+            stored[member] = None
+            continue
+        back, hour, since_first, count, spend, days, median = gen
+        last = local(as_of - timedelta(days=back), hour)
+        first = last - timedelta(days=max(since_first - back, 0))
+        stored[member] = (first, last, count, spend, days, median)
+        session.execute(
+            text(
+                "INSERT INTO member_stats (member_id, first_purchase_at, last_purchase_at,"
+                f" purchases_{lookback}d, spend_{lookback}d, purchase_days,"
+                " median_interpurchase_days)"
+                " VALUES (:m, :first, :last, :count, :spend, :days, :median)"
+            ),
+            {
+                "m": member,
+                "first": first,
+                "last": last,
+                "count": count,
+                "spend": spend,
+                "days": days,
+                "median": median,
+            },
+        )
+    return stored
+
+
+@settings(
+    max_examples=100,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    first=st.lists(_stats_row, min_size=4, max_size=12),
+    second=st.lists(st.tuples(_stats_row, st.booleans()), min_size=12, max_size=12),
+    jump=st.integers(1, 200),
+    lookback=st.sampled_from((30, 90, 365)),
+    methods=st.tuples(*[st.sampled_from(("quintile", "thresholds"))] * 3),
+    thresholds=st.tuples(_cuts, _cuts, _cuts),
+    personal=st.sampled_from(((0.0, 3), (1.5, 2), (3.0, 3))),
+)
+def test_lifecycle_and_rfm_steps_agree_with_the_definitions(
+    session: Session,
+    shop: int,
+    isolated: None,
+    first: list[Any],
+    second: list[tuple[Any, bool]],
+    jump: int,
+    lookback: int,
+    methods: tuple[str, str, str],
+    thresholds: tuple[list[Decimal], ...],
+    personal: tuple[float, int],
+) -> None:
+    config = ScoringConfig.from_mapping(
+        {
+            "timezone": TZ,
+            "rfm_lookback_days": lookback,
+            **{f"{d}_method": m for d, m in zip("rfm", methods, strict=True)},
+            **{
+                f"{d}_thresholds": [float(v) for v in t]
+                for d, t in zip("rfm", thresholds, strict=True)
+            },
+            "personal_k": personal[0],
+            "personal_min_days": personal[1],
+        }
+    )
+    savepoint = session.begin_nested()
+    try:
+        members = [add_member(session, shop) for _ in first]
+        day = AS_OF
+        rows = _write_stats(session, lookback, day, dict(zip(members, first, strict=True)))
+        stages: dict[int, str] = {}
+        for round_ in (1, 2):
+            if round_ == 2:
+                # A later date: new statistics (members leave and join the population), some
+                # members erased.
+                day += timedelta(days=jump)
+                gone = [m for m, (_, erase) in zip(members, second, strict=False) if erase]
+                session.execute(
+                    text("UPDATE members SET status = 'erased' WHERE id = ANY(:ids)"), {"ids": gone}
+                )
+                members = [m for m in members if m not in gone]
+                gen = {m: s for m, (s, _) in zip(members, second, strict=False)}
+                rows = _write_stats(session, lookback, day, gen)
+            lifecycle.refresh_stages(session, day, config)
+            cuts = rfm.score_members(session, day, config)
+            want_cuts, want = _expected_rfm(rows, day, config)
+            got = scores(session, members)
+            assert set(got) == set(members)  # erased members keep no scores
+            for m in members:
+                stage = _expected_stage(rows[m], day, config)
+                assert got[m]["lifecycle_stage"] == stage
+                if m in stages and stages[m] != stage:
+                    assert got[m]["stage_since"] == day
+                assert (
+                    got[m]["r"],
+                    got[m]["f"],
+                    got[m]["m"],
+                    got[m]["rfm_segment"],
+                    got[m]["frequency"],
+                    got[m]["monetary"],
+                ) == want.get(m, (None,) * 6)
+            for dim in "rfm":
+                assert [Decimal(str(v)) for v in cuts[dim]] == want_cuts[dim]
+            assert cuts["members"] == len(want)
+            changes: dict[int, str] = dict(
+                session.execute(
+                    text(
+                        "SELECT member_id, from_stage || '>' || to_stage FROM lifecycle_changes"
+                        " WHERE changed_on = :d AND member_id = ANY(:ids)"
+                    ),
+                    {"d": day, "ids": members},
+                ).all()
+            )
+            assert changes == {
+                m: f"{stages[m]}>{got[m]['lifecycle_stage']}"
+                for m in members
+                if m in stages and stages[m] != got[m]["lifecycle_stage"]
+            }
+            stages = {m: got[m]["lifecycle_stage"] for m in members}
+        # The same date again changes nothing.
+        assert rfm.score_members(session, day, config)["changed"] == 0
+        assert lifecycle.refresh_stages(session, day, config)["written"] == 0
+    finally:
+        savepoint.rollback()
