@@ -119,7 +119,7 @@ print(f"{t1 - t0:.3f} {t2 - t1:.3f} {len(p)} {len(g)}")
 # The segmentation steps (issue 4's daily refresh); other packages append their own steps
 # (tiers, campaigns), which have their own benchmarks.
 SEGMENT_STEPS = [
-    *("windows", "lifecycle", "rfm", "churn", "snapshot"),
+    *("custom_segments_early", "windows", "lifecycle", "rfm", "churn", "snapshot"),
     *("custom_segments_stats", "custom_segments"),
 ]
 

@@ -7,9 +7,10 @@ second time. The same steps run in-process (`patron refresh`, tests) or as RQ jo
 scheduler and `POST /v1/scores/refresh`).
 
 Steps that neither write the same rows nor read each other's output run at the same time
-(`STEP_AFTER`): after the windows, lifecycle → RFM (both write `member_scores`) beside
-churn (its own table), the tier review and the custom segments whose rules read no score;
-then the other custom segments beside the monthly snapshot of the RFM scores.
+(`STEP_AFTER`): the custom segments whose rules read no refreshed field beside the
+windows; then lifecycle → RFM (both write `member_scores`) beside churn (its own
+table), the tier review and the segments whose rules read windows or tiers but no
+score; then the other custom segments beside the monthly snapshot of the RFM scores.
 """
 
 from __future__ import annotations
@@ -96,22 +97,38 @@ def refresh_instant(as_of: date, config: ScoringConfig) -> datetime:
     )
 
 
+def _refreshed_fields(vocab: Vocabulary) -> tuple[frozenset[str], frozenset[str]]:
+    """(fields the windows and tiers steps write, fields lifecycle / RFM / churn write)."""
+    from segments.membership import FIELD as MEMBERSHIP_FIELD
+    from segments.vocabulary import PREDICTIONS, SCORES
+    from segments.vocabulary import fields as segment_fields
+
+    scores = {f.name for f in vocab.fields() if {SCORES, PREDICTIONS} & set(f.joins)}
+    # The window columns and the purchase-day history of member_stats (the segmentation
+    # fields on the statistics join) move with the windows step; `tier` with the tiers step.
+    windows = {
+        f.name for f in segment_fields() if f.joins and not {SCORES, PREDICTIONS} & set(f.joins)
+    }
+    return frozenset({*windows, "tier"}), frozenset({*scores, MEMBERSHIP_FIELD})
+
+
 def reads_statistics_only(rule: Rule, vocab: Vocabulary) -> bool:
     """True when a rule reads nothing the lifecycle, RFM and churn steps write (no score or
     prediction field) and no segment membership: it can be evaluated once the windows (and
     tiers) are fresh, beside those steps."""
-    from segments.membership import FIELD as MEMBERSHIP_FIELD
-    from segments.vocabulary import PREDICTIONS, SCORES
+    _, late = _refreshed_fields(vocab)
+    return all(name in vocab and name not in late for name in rule.fields)
 
-    for name in rule.fields:
-        found = vocab.get(name)
-        if name == MEMBERSHIP_FIELD or found is None or {SCORES, PREDICTIONS} & set(found.joins):
-            return False
-    return True
+
+def reads_nothing_refreshed(rule: Rule, vocab: Vocabulary) -> bool:
+    """True when a rule reads no field any refresh step writes (only member fields and the
+    lifetime statistics the purchase path keeps): it can be evaluated from the start."""
+    windows, late = _refreshed_fields(vocab)
+    return all(name in vocab and name not in windows | late for name in rule.fields)
 
 
 def _custom_segments(
-    as_of: date, config: ScoringConfig, session: Session, *, statistics_only: bool
+    as_of: date, config: ScoringConfig, session: Session, *, which: str
 ) -> dict[str, Any]:
     try:
         custom = importlib.import_module("segments.custom")
@@ -123,23 +140,37 @@ def _custom_segments(
     from service.vocabulary import default_vocabulary
 
     vocab = default_vocabulary()
-    include = (lambda rule: reads_statistics_only(rule, vocab)) if statistics_only else None
+    include: Callable[[Rule], bool] | None = None
+    if which == "early":
+        include = lambda rule: reads_nothing_refreshed(rule, vocab)  # noqa: E731
+    elif which == "stats":
+        # The early step's segments are its own: no second evaluation, no lock wait.
+        include = lambda rule: (  # noqa: E731
+            reads_statistics_only(rule, vocab) and not reads_nothing_refreshed(rule, vocab)
+        )
     # A fixed instant per date keeps a re-run of the date a no-op there too (and makes the
     # second step replay what the first refreshed).
     outcome = refresh_all(session, refresh_instant(as_of, config), vocab, include=include)
     return {"segments": len(outcome) if isinstance(outcome, list) else outcome}
 
 
+def step_custom_segments_early(
+    session: Session, as_of: date, config: ScoringConfig
+) -> dict[str, Any]:
+    """Custom segments whose rules read no field a refresh step writes (from the start)."""
+    return _custom_segments(as_of, config, session, which="early")
+
+
 def step_custom_segments_stats(
     session: Session, as_of: date, config: ScoringConfig
 ) -> dict[str, Any]:
-    """Custom segments whose rules read member fields and statistics only (not scores)."""
-    return _custom_segments(as_of, config, session, statistics_only=True)
+    """Custom segments whose rules read windows, history or tiers but no score."""
+    return _custom_segments(as_of, config, session, which="stats")
 
 
 def step_custom_segments(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
     """Every other custom segment (those refreshed earlier for this date are replayed)."""
-    return _custom_segments(as_of, config, session, statistics_only=False)
+    return _custom_segments(as_of, config, session, which="all")
 
 
 def step_tiers(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
@@ -151,6 +182,8 @@ def step_tiers(session: Session, as_of: date, config: ScoringConfig) -> dict[str
 
 # The hook list: (name, step) in order. Later steps may rely on earlier ones.
 REFRESH_STEPS: list[tuple[str, Step]] = [
+    # Beside the windows: they take a core of their own for several seconds.
+    ("custom_segments_early", step_custom_segments_early),
     ("windows", step_windows),
     ("lifecycle", step_lifecycle),
     ("rfm", step_rfm),
@@ -177,8 +210,12 @@ STEP_AFTER: dict[str, tuple[str, ...]] = {
     # Segments whose rules read no score start once windows and tiers are fresh, beside
     # lifecycle, RFM and churn; the others wait for those too. Rules never read the
     # monthly snapshot (it copies RFM scores aside), so it runs beside the segments.
+    "custom_segments_early": (),
     "custom_segments_stats": ("windows", "tiers"),
-    "custom_segments": ("windows", "lifecycle", "rfm", "churn", "tiers", "custom_segments_stats"),
+    "custom_segments": (
+        *("windows", "lifecycle", "rfm", "churn", "tiers"),
+        *("custom_segments_early", "custom_segments_stats"),
+    ),
 }
 
 

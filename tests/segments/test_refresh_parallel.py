@@ -194,15 +194,28 @@ def test_steps_wait_for_what_they_read() -> None:
     assert "lifecycle" in waits["rfm"] and "rfm" in waits["snapshot"]
     assert set(waits["custom_segments"]) == set(order) - {"custom_segments", "snapshot"}
     assert set(waits["custom_segments_stats"]) == {"windows", "tiers"}
+    assert waits["custom_segments_early"] == []
     # A subset keeps only the chosen prerequisites.
     assert refresh.prerequisites(["windows", "rfm"]) == {"windows": [], "rfm": ["windows"]}
 
 
-def test_only_rules_without_scores_are_refreshed_early() -> None:
+def test_segments_are_refreshed_as_soon_as_what_they_read_is_fresh() -> None:
     vocab = default_vocabulary()
-    early = {
-        name: refresh.reads_statistics_only(parse_rule(rule, vocab), vocab)
-        for name, rule in [*SEGMENTS.items(), *SCORED.items()]
+    on_windows = {
+        "regulars": "purchases_90d >= 2",
+        "gap": "median_interpurchase_days <= 30",
+        "gold": 'tier = "gold"',
     }
-    assert all(early[name] for name in SEGMENTS)
-    assert not any(early[name] for name in SCORED)
+    rules = {
+        name: parse_rule(rule, vocab)
+        for name, rule in [*SEGMENTS.items(), *SCORED.items(), *on_windows.items()]
+    }
+    stats = {name: refresh.reads_statistics_only(rule, vocab) for name, rule in rules.items()}
+    early = {name: refresh.reads_nothing_refreshed(rule, vocab) for name, rule in rules.items()}
+    # Scores and memberships: only after lifecycle, RFM and churn.
+    assert not any(stats[name] or early[name] for name in SCORED)
+    # Windows, purchase-day history and tiers: after those steps, not from the start.
+    assert all(stats[name] and not early[name] for name in on_windows)
+    # Member fields and lifetime statistics only: from the start.
+    assert all(stats[name] for name in SEGMENTS)
+    assert {name for name in SEGMENTS if not early[name]} == {"gold-active", "silver-upsell"}
