@@ -25,8 +25,6 @@ overnight window (22:00-02:00).
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
 from collections.abc import Iterator, Mapping
@@ -51,6 +49,7 @@ from campaigns.models_coupons import (
     RedemptionStatus,
 )
 from service.audit import record as audit
+from service.cursors import decode_id, encode_id
 from service.db import execute_prepared
 from service.errors import Conflict, NotFound, PatronError, ValidationFailed
 from service.models import Member, MemberStatus, Region, Store
@@ -336,20 +335,11 @@ def create_template(
 
 
 def encode_cursor(template_id: int) -> str:
-    return base64.urlsafe_b64encode(f"ct:{template_id}".encode()).decode().rstrip("=")
+    return encode_id("ct", template_id)
 
 
 def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = raw.partition(":")
-        if kind != "ct":
-            raise ValueError(kind)
-        return int(value)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValidationFailed(
-            "the cursor is not one this API returned", errors={"cursor": ["invalid cursor"]}
-        ) from None
+    return decode_id("ct", cursor)
 
 
 def list_templates(

@@ -8,8 +8,6 @@ costs the purchase request one INSERT.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 from datetime import datetime
 from typing import Any
@@ -20,6 +18,7 @@ from sqlalchemy.orm import Session
 from campaigns.channels.config import CHANNELS
 from campaigns.models_messaging import MessageKind, MessageStatus, OutboxMessage
 from service.audit import record as audit
+from service.cursors import decode_id, encode_id
 from service.errors import Conflict, NotFound, ValidationFailed
 from service.models import Member
 
@@ -149,20 +148,11 @@ def _columns() -> Any:
 
 
 def _cursor(value: int) -> str:
-    return base64.urlsafe_b64encode(f"o:{value}".encode()).decode().rstrip("=")
+    return encode_id("o", value)
 
 
 def _decode(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = raw.partition(":")
-        if kind != "o":
-            raise ValueError(kind)
-        return int(value)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValidationFailed(
-            "the cursor is not one this API returned", errors={"cursor": ["invalid cursor"]}
-        ) from None
+    return decode_id("o", cursor)
 
 
 def list_messages(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -13,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from service.audit import record as audit
+from service.cursors import decode_id, encode_id
 from service.errors import Gone, NotFound, ValidationFailed
 from service.models import CONSENT_CHANNELS, Member, MemberStats, MemberStatus, Region, Store
 
@@ -194,20 +193,11 @@ def get_member(
 
 
 def encode_cursor(member_id: int) -> str:
-    return base64.urlsafe_b64encode(f"m:{member_id}".encode()).decode().rstrip("=")
+    return encode_id("m", member_id)
 
 
 def decode_cursor(cursor: str) -> int:
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        kind, _, value = raw.partition(":")
-        if kind != "m":
-            raise ValueError(kind)
-        return int(value)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise ValidationFailed(
-            "the cursor is not one this API returned", errors={"cursor": ["invalid cursor"]}
-        ) from None
+    return decode_id("m", cursor)
 
 
 def list_members(

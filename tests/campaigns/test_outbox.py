@@ -89,6 +89,11 @@ def test_list_messages_filters_and_pages(client: FlaskClient, auth: KeyFactory, 
     assert len(email["items"]) == 1 and email["items"][0]["member_id"] == b.external_id
     bad = client.get("/v1/messages?status=lost", headers=headers)
     assert bad.status_code == 422 and "status" in bad.json["errors"]
+    # A cursor of another list (here the members list's) is refused, not misread as an id.
+    members_cursor = client.get("/v1/members?limit=1", headers=headers).json["next_cursor"]
+    assert members_cursor is not None
+    foreign = client.get(f"/v1/messages?cursor={members_cursor}", headers=headers)
+    assert foreign.status_code == 422 and "cursor" in foreign.json["errors"]
     assert client.get("/v1/messages", headers=auth("pos")).status_code == 403
 
 
