@@ -7,13 +7,15 @@ profile is the application's own work) against a database seeded by `bench_purch
     python -m bench.bench_purchase --campaigns 20 --db-name patron_main_purchase ...
     python -m bench.profile_purchase postgresql://postgres@127.0.0.1:5432/patron_main_purchase
 
-Prints the statements per purchase, the wall and CPU time per purchase, and the functions
-of Patron's own packages by total time.
+Prints the statements per purchase (each kind with its count and mean wall time), the
+wall and CPU time per purchase (Python, and the PostgreSQL backends' CPU read from /proc
+when the server runs on this machine), and the functions of Patron's own packages.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import cProfile
 import io
 import logging
@@ -42,6 +44,13 @@ def main() -> None:
     parser.add_argument("--members", type=int, default=100_000)
     parser.add_argument("--stores", type=int, default=20)
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--no-profile", action="store_true", help="time without cProfile (its overhead is large)"
+    )
+    parser.add_argument("--sort", default="cumulative", help="pstats sort key, e.g. tottime")
+    parser.add_argument(
+        "--only", default=r"/(service|campaigns|segments|rules)/", help="functions shown (regex)"
+    )
     args = parser.parse_args()
     os.environ["DATABASE_URL"] = args.database_url
     os.environ["REDIS_URL"] = args.redis_url
@@ -52,10 +61,22 @@ def main() -> None:
     client = app.test_client()
     headers = {"Authorization": f"Bearer {token}"}
     statements = [0]
+    # statement kind -> [count, wall seconds]; the kind is the statement's first words
+    timed: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])
+    started: list[float] = [0.0]
+    backends: set[int] = set()
 
     @event.listens_for(get_db(app).engine, "before_cursor_execute")
-    def count(*_: Any) -> None:
+    def count(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
         statements[0] += 1
+        started[0] = time.perf_counter()
+        backends.add(cursor.connection.info.backend_pid)
+
+    @event.listens_for(get_db(app).engine, "after_cursor_execute")
+    def timing(conn: Any, cursor: Any, statement: str, *_: Any) -> None:
+        entry = timed[" ".join(statement.split())[:90]]
+        entry[0] += 1
+        entry[1] += time.perf_counter() - started[0]
 
     rng = random.Random(1)
     run = uuid.uuid4().hex[:8]
@@ -80,21 +101,45 @@ def main() -> None:
     for n in range(args.warmup):
         purchase(n)
     statements[0] = 0
+    timed.clear()
     profile = cProfile.Profile()
+    backend_cpu = _backend_cpu(backends)
     wall, cpu = time.perf_counter(), time.process_time()
-    profile.enable()
+    if not args.no_profile:
+        profile.enable()
     for n in range(args.warmup, args.warmup + args.n):
         purchase(n)
     profile.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    backend_cpu = _backend_cpu(backends) - backend_cpu
     print(
         f"{args.n} purchases: {wall / args.n * 1e3:.2f} ms wall, {cpu / args.n * 1e3:.2f} ms"
-        f" Python CPU (profiled), {statements[0] / args.n:.1f} statements each"
+        f" Python CPU ({'not ' if args.no_profile else ''}profiled),"
+        f" {backend_cpu / args.n * 1e3:.2f} ms PostgreSQL backend CPU,"
+        f" {statements[0] / args.n:.1f} statements each"
     )
+    print("\nper purchase  mean ms  statement")
+    for kind, (n, seconds) in sorted(timed.items(), key=lambda kv: -kv[1][1]):
+        print(f"{n / args.n:12.2f} {seconds / n * 1e3:8.3f}  {kind}")
+    if args.no_profile:
+        return
     out = io.StringIO()
     stats = pstats.Stats(profile, stream=out)
-    stats.sort_stats("cumulative").print_stats(r"/(service|campaigns|segments|rules)/", args.top)
+    stats.sort_stats(args.sort).print_stats(args.only, args.top)
     print(out.getvalue())
+
+
+def _backend_cpu(pids: set[int]) -> float:
+    """User + system CPU seconds of these PostgreSQL backends (0 where /proc cannot tell)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from campaigns.engine import ACTIVE, Compiled, Rewards, evaluate_member
+from campaigns.engine import ACTIVE, Compiled, Rewards, evaluate_member, member_facts_and_campaigns
 from service.vocabulary import event_facts, store_region
 
 
@@ -46,7 +46,12 @@ def after_purchase(
     entered_segments: list[str] | None,
 ) -> dict[str, Any]:
     """Purchase, tier-change and segment-entry campaigns for this member; the till's rewards."""
-    campaigns = ACTIVE.get(session)
+    facts = None
+    if _wants("purchase", ACTIVE.last_seen):
+        # The usual case with purchase campaigns: the facts come with the cache check.
+        facts, campaigns = member_facts_and_campaigns(session, member_id)
+    else:
+        campaigns = ACTIVE.get(session)
     rewards = Rewards()
     period = f"txn:{external_id}"
     if _wants("purchase", campaigns):
@@ -61,6 +66,7 @@ def after_purchase(
                 event=event,
                 transaction_id=transaction_id,
                 active=campaigns,
+                facts=facts,
             )
         )
     if tier_change is not None and _wants("tier_change", campaigns):

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from rules.ast import All, Leaf, Node, Not, Rule, child_pointer, encode_value
+from rules.ast import All, Leaf, Node, Not, Rule, child_pointer, encode_value, leaves
 from rules.compile_py import EMPTY, Facts, compile_leaves
 from rules.text import format_leaf, to_text
 from rules.vocabulary import Vocabulary
@@ -159,3 +159,76 @@ def explain(
     trace = visit(rule.root, "")
     trace.decisive = True
     return Explanation(trace.result, trace, to_text(rule.root), now)
+
+
+# Rule text and leaf texts per rule (by content hash and scope): `summary` runs for every
+# campaign condition a purchase fails, and formatting the same rule each time was most
+# of its cost.
+_TEXTS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
+_TEXTS_SIZE = 512
+
+
+def summary(
+    rule: Rule,
+    vocab: Vocabulary,
+    member: Facts,
+    event: Facts | None = None,
+    *,
+    now: datetime,
+) -> dict[str, Any]:
+    """What a recorded decision keeps of `explain(...)`: the outcome, the rule text, the
+    decisive leaves and one line per leaf (as `Explanation.lines`), and the instant.
+
+    Equal to building the explanation and reading those parts, without building the trace;
+    the texts are cached per rule.
+    """
+    key = (rule.hash, rule.scope.value)
+    texts = _TEXTS.get(key)
+    if texts is None:
+        if len(_TEXTS) >= _TEXTS_SIZE:
+            _TEXTS.clear()
+        texts = _TEXTS[key] = (
+            to_text(rule.root),
+            tuple(format_leaf(leaf) for _, leaf in leaves(rule.root)),
+        )
+    rule_text, leaf_texts = texts
+    probes = compile_leaves(rule, vocab, now)
+    ev = event if event is not None else EMPTY
+    results: list[bool] = []
+    actuals: list[Any] = []
+    for probe in probes:
+        results.append(bool(probe.test(member, ev)))
+        actuals.append(probe.read(member, ev))
+    position = {p.pointer: i for i, p in enumerate(probes)}
+
+    def visit(node: Node, pointer: str) -> tuple[bool, list[str]]:
+        # (result, the leaves that settle it when this node is decisive, in trace order)
+        if isinstance(node, Leaf):
+            return results[position[pointer]], [pointer]
+        if isinstance(node, Not):
+            result, decided = visit(node.child, child_pointer(pointer, node))
+            return not result, decided
+        kids = [visit(c, child_pointer(pointer, node, i)) for i, c in enumerate(node.children)]
+        if isinstance(node, All):
+            result = all(k[0] for k in kids)
+            chosen = [d for r, d in kids if result or not r]
+        else:
+            result = any(k[0] for k in kids)
+            chosen = [d for r, d in kids if not result or r]
+        return result, [p for d in chosen for p in d]
+
+    outcome, decided_by = visit(rule.root, "")
+    decided = set(decided_by)
+    lines = []
+    for i, probe in enumerate(probes):
+        mark = "✓" if results[i] else "✗"
+        actual = "missing" if _is_missing(actuals[i]) else repr(_jsonable(actuals[i]))
+        star = " ← decisive" if probe.pointer in decided else ""
+        lines.append(f"{mark} {leaf_texts[i]}  (actual: {actual}){star}")
+    return {
+        "outcome": outcome,
+        "rule_text": rule_text,
+        "decided_by": decided_by,
+        "conditions": lines,
+        "evaluated_at": now.isoformat(),
+    }

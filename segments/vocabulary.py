@@ -60,6 +60,11 @@ class FactJoin(NamedTuple):
     table: FromClause
     onclause: ColumnElement[bool]
     columns: tuple[ColumnElement[Any], ...]
+    # The rule vocabulary's SQL join of the same table: fields joining it read these facts.
+    sql_join: str
+    # False for a table replaced whole by a swap (see segments.predict.swap_predictions):
+    # no server-side prepared statement may read it, so the purchase path reads it apart.
+    preparable: bool = True
 
 
 FACT_JOINS = (
@@ -73,6 +78,7 @@ FACT_JOINS = (
             _scores.c.rfm_segment.label("rfm_segment"),
             _scores.c.lifecycle_stage.label("lifecycle_stage"),
         ),
+        SCORES,
     ),
     # Joined to members, not to member_scores: churn may run before a new member's first
     # lifecycle row exists (the steps run side by side).
@@ -84,6 +90,8 @@ FACT_JOINS = (
             _predictions.c.expected_purchases_90d.label("churn_expected_purchases_90d"),
             _predictions.c.expected_value.label("churn_expected_value"),
         ),
+        PREDICTIONS,
+        preparable=False,
     ),
 )
 # The window columns live on member_stats: read by the foundation's facts query.

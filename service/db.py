@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import Dialect, Engine, TextClause, create_engine, event
+from sqlalchemy import ClauseElement, Dialect, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -95,7 +95,7 @@ def _ping_idle_connections(engine: Engine, idle_seconds: float) -> None:
 
 @dataclass(frozen=True)
 class _Prepared:
-    statement: TextClause  # kept alive so its id() is never reused
+    statement: ClauseElement  # kept alive so its id() is never reused
     text: str  # the statement for the driver, with %(name)s placeholders
     prepare: str  # PREPARE <name> AS <the statement with $n placeholders>
     execute: str  # EXECUTE <name> (%(a)s, %(b)s, ...)
@@ -106,7 +106,7 @@ _PREPARED: dict[int, _Prepared] = {}
 _PYFORMAT = re.compile(r"%\((\w+)\)s")
 
 
-def _prepared(statement: TextClause, dialect: Dialect) -> _Prepared:
+def _prepared(statement: ClauseElement, dialect: Dialect) -> _Prepared:
     found = _PREPARED.get(id(statement))
     if found is None:
         sql = str(statement.compile(dialect=dialect))
@@ -139,25 +139,41 @@ REPREPARE_AFTER_EXECUTIONS = 1000
 REPREPARE_AFTER_SECONDS = 60.0
 
 
-def execute_prepared(session: Session, statement: TextClause, params: Mapping[str, Any]) -> Any:
-    """Run a hot-path `text()` statement in the session's transaction; return its first row.
+def execute_prepared(session: Session, statement: ClauseElement, params: Mapping[str, Any]) -> Any:
+    """Run a hot-path statement (`text()` or a Core select without expanding parameters) in
+    the session's transaction; return its first row.
 
     PostgreSQL parses and plans a statement sent as text on every call; for the purchase
     statements that is over a third of the database's CPU per request. Here each pooled
     connection PREPAREs the statement (prepared statements belong to the database session
     and survive rollbacks), EXECUTEs it, and re-prepares it now and then so that its
     plan follows the tables' growth. psycopg2 binds the values exactly as for
-    `session.execute(statement, params)`, and errors are SQLAlchemy's. Pass module-level
-    statements only: they are compiled once and cached by identity.
+    `session.execute(statement, params)`, and errors are SQLAlchemy's; rows carry no type
+    processing beyond psycopg2's own. Pass statements that live as long as the process
+    (module level or cached): they are compiled once and cached by identity.
 
     Behind a transaction-pooling proxy (PgBouncer in transaction mode) server-side
     prepared statements do not work: PATRON_DB_PREPARED_STATEMENTS=0 sends plain text.
     """
+    result = _run_prepared(session, statement, params)
+    return result.first() if result.returns_rows else None
+
+
+def execute_prepared_all(
+    session: Session, statement: ClauseElement, params: Mapping[str, Any]
+) -> list[Any]:
+    """`execute_prepared` for a statement returning many rows (e.g. one per campaign): all
+    of them. Array parameters must be CAST in the statement (`CAST(:ids AS bigint[])`), so
+    that the prepared statement has one type per parameter."""
+    result = _run_prepared(session, statement, params)
+    return list(result.all()) if result.returns_rows else []
+
+
+def _run_prepared(session: Session, statement: ClauseElement, params: Mapping[str, Any]) -> Any:
     conn = session.connection()
     prepared = _prepared(statement, conn.dialect)
     if not conn.get_execution_options().get(PREPARE_OPTION, True):
-        result = conn.exec_driver_sql(prepared.text, dict(params))
-        return result.first() if result.returns_rows else None
+        return conn.exec_driver_sql(prepared.text, dict(params))
     # name -> [monotonic time prepared, executions since]; lives as long as the connection
     state: dict[str, list[float]] = conn.connection.info.setdefault("patron_prepared", {})
     entry = state.get(prepared.name)
@@ -170,12 +186,11 @@ def execute_prepared(session: Session, statement: TextClause, params: Mapping[st
             conn.exec_driver_sql(f"DEALLOCATE {prepared.name}; {prepared.prepare}")
             entry[0], entry[1] = now, 0
         entry[1] += 1
-        result = conn.exec_driver_sql(prepared.execute, dict(params))
+        return conn.exec_driver_sql(prepared.execute, dict(params))
     except DBAPIError as exc:
         if getattr(exc.orig, "pgcode", None) == "26000":  # the prepared statement is gone
             state.pop(prepared.name, None)
         raise
-    return result.first() if result.returns_rows else None
 
 
 class Database:

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import bindparam, func, select
+from sqlalchemy import Select, bindparam, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 from sqlalchemy.sql.expression import FromClause
@@ -425,7 +425,7 @@ def default_vocabulary() -> Vocabulary:
 
 # --- facts for the Python predicate ----------------------------------------------------
 
-_FACT_COLUMNS = (
+_BASE_FACT_COLUMNS = (
     _members.c.id,
     _members.c.external_id,
     _members.c.gender,
@@ -447,7 +447,6 @@ _FACT_COLUMNS = (
     _stats.c.last_purchase_at,
     segment_membership.segment_names(_members.c.id).label(segment_membership.FACTS_KEY),
     *(_stats.c[name] for name in segment_scores.WINDOW_FACTS),
-    *(column for join in segment_scores.FACT_JOINS for column in join.columns),
 )
 _ZERO_IF_NO_STATS: dict[str, Any] = {
     "purchase_count": 0,
@@ -486,15 +485,63 @@ def load_member_facts(session: Session, member_ids: Iterable[int]) -> dict[int, 
 def _facts_statement() -> Any:
     # Built once: the purchase path loads one member's facts per sale, and building the
     # statement (not running it) was a visible share of its Python time.
+    ids: Any = bindparam("ids", expanding=True)
+    return _facts_select(segment_scores.FACT_JOINS).where(_members.c.id.in_(ids))
+
+
+def _facts_select(joins: Iterable[segment_scores.FactJoin]) -> Select[Any]:
+    joins = tuple(joins)
     source = (
         _members.outerjoin(_stats, _stats.c.member_id == _members.c.id)
         .outerjoin(_stores, _stores.c.id == _members.c.home_store_id)
         .outerjoin(_regions, _regions.c.id == _stores.c.region_id)
     )
-    for join in segment_scores.FACT_JOINS:
+    for join in joins:
         source = source.outerjoin(join.table, join.onclause)
-    ids: Any = bindparam("ids", expanding=True)
-    return select(*_FACT_COLUMNS).select_from(source).where(_members.c.id.in_(ids))
+    columns = (*_BASE_FACT_COLUMNS, *(column for join in joins for column in join.columns))
+    return select(*columns).select_from(source)
+
+
+def preparable_facts_select() -> Select[Any]:
+    """The facts query without the tables no prepared statement may read (see
+    `segments.vocabulary.FactJoin.preparable`); add the member filter. Its rows go through
+    `facts_of_row`; `unpreparable_facts` reads the rest when a rule needs it."""
+    return _facts_select(j for j in segment_scores.FACT_JOINS if j.preparable)
+
+
+def facts_of_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A facts mapping from a row of the facts query (consents renamed, zeros filled)."""
+    return _facts(row)
+
+
+def reads_unpreparable_facts(vocab: Vocabulary, field_names: Iterable[str]) -> bool:
+    """Do these rule fields read facts that `preparable_facts_select` leaves out?"""
+    apart = [j for j in segment_scores.FACT_JOINS if not j.preparable]
+    keys = {column.key for j in apart for column in j.columns}
+    names = {j.sql_join for j in apart}
+    for name in field_names:
+        found = vocab.get(name)
+        if found is None or found.fact_key in keys or names.intersection(found.joins):
+            return True
+    return False
+
+
+@functools.cache
+def _unpreparable_statement() -> Any:
+    apart = [j for j in segment_scores.FACT_JOINS if not j.preparable]
+    source: FromClause = _members
+    for join in apart:
+        source = source.outerjoin(join.table, join.onclause)
+    columns = [column for join in apart for column in join.columns]
+    return select(*columns).select_from(source).where(_members.c.id == bindparam("member_id"))
+
+
+def unpreparable_facts(session: Session, member_id: int) -> dict[str, Any]:
+    """The facts `preparable_facts_select` leaves out, for one member, as plain SQL."""
+    if all(j.preparable for j in segment_scores.FACT_JOINS):
+        return {}
+    row = session.execute(_unpreparable_statement(), {"member_id": member_id}).mappings().first()
+    return dict(row) if row is not None else {}
 
 
 def member_id_for(session: Session, external_id: str) -> tuple[int, int | None] | None:

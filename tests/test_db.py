@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session
 
 from service import db as db_module
 from service.config import Config
-from service.db import execute_prepared, make_engine
+from service.db import execute_prepared, execute_prepared_all, make_engine
 
 
 def _backend_pid(engine: Engine) -> int:
@@ -128,3 +128,21 @@ def test_prepared_statements_can_be_turned_off(config: Config):
             assert _prepared_names(session) == []
     finally:
         plain.dispose()
+
+
+_DOUBLES = text("SELECT x, x * 2 AS twice FROM unnest(CAST(:xs AS integer[])) AS u(x) ORDER BY x")
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_statements_returning_many_rows_run_prepared_or_plain(config: Config, prepared: bool):
+    pooled = make_engine(replace(config, db_pool_size=1, db_prepared_statements=prepared))
+    try:
+        with Session(pooled) as session:
+            rows = execute_prepared_all(session, _DOUBLES, {"xs": [3, 1, 2]})
+            assert [(r.x, r.twice) for r in rows] == [(1, 2), (2, 4), (3, 6)]
+            # Another array length, an empty one: the same prepared statement.
+            assert execute_prepared_all(session, _DOUBLES, {"xs": [5, None]})[0].twice == 10
+            assert execute_prepared_all(session, _DOUBLES, {"xs": []}) == []
+            assert len(_prepared_names(session)) == (1 if prepared else 0)
+    finally:
+        pooled.dispose()

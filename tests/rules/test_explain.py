@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
-from rules import Scope, Vocabulary, compile_py, explain, parse_rule
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from rules import FieldType, Scope, Vocabulary, compile_py, explain, parse_rule, validate
+from rules.ast import to_json
+from rules.explain import summary
+from tests.rules.strategies import element_for, scalar_for, trees
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 MEMBER = {
@@ -92,3 +99,35 @@ def test_lines_render_for_logs(vocab: Vocabulary) -> None:
         "✓ tier = \"gold\"  (actual: 'gold')",
         "✗ consent.sms = true  (actual: False) ← decisive",
     ]
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_the_summary_a_decision_keeps_equals_the_full_explanation(
+    vocab: Vocabulary, data: st.DataObject
+) -> None:
+    # The purchase path stores `summary` for every failed condition; the console rebuilds
+    # the full trace. Both must tell the same story, leaf for leaf.
+    rule = validate(to_json(data.draw(trees(vocab, Scope.EVENT))), vocab, Scope.EVENT)
+    optional = lambda s: st.one_of(st.none(), s)  # noqa: E731
+    facts: dict[str, Any] = {}
+    for f in vocab.fields():
+        if f.type in (FieldType.STRING_LIST, FieldType.SEGMENTS):
+            facts[f.fact_key] = data.draw(st.lists(element_for(f), max_size=3))
+        elif f.key is not None or f.py is None:
+            facts[f.fact_key] = data.draw(optional(scalar_for(f, ("S-A", "S-B"), ("East",))))
+    facts["timezone"] = "Asia/Shanghai"
+    event = {k.removeprefix("event."): v for k, v in facts.items() if k.startswith("event.")}
+    event["items"] = [{"sku": "A-1", "category": "shoes", "amount": Decimal("10")}]
+    now = data.draw(st.sampled_from((NOW, NOW + timedelta(days=200, hours=7))))
+    try:
+        full = explain(rule, vocab, facts, event, now=now)
+    except (TypeError, ValueError, AttributeError, KeyError):
+        assume(False)  # facts of a shape the real facts never have
+    assert summary(rule, vocab, facts, event, now=now) == {
+        "outcome": full.outcome,
+        "rule_text": full.text,
+        "decided_by": full.decided_by,
+        "conditions": full.lines(),
+        "evaluated_at": now.isoformat(),
+    }
