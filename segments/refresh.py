@@ -185,9 +185,11 @@ REFRESH_STEPS: list[tuple[str, Step]] = [
     # Beside the windows: they take a core of their own for several seconds.
     ("custom_segments_early", step_custom_segments_early),
     ("windows", step_windows),
+    # The longest step that needs only the windows: first to start once they are fresh,
+    # so it runs beside the lifecycle -> RFM -> snapshot chain rather than after it.
+    ("churn", step_churn),
     ("lifecycle", step_lifecycle),
     ("rfm", step_rfm),
-    ("churn", step_churn),
     ("snapshot", step_snapshot),
     # After the windows (it reads them), before segments (rules may test the tier).
     ("tiers", step_tiers),

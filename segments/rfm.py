@@ -65,8 +65,11 @@ def _population(lookback: int) -> str:
                         - CAST(timezone(:tz, s.last_purchase_at) AS date), 0) AS recency,
                s.purchases_{lookback}d AS frequency,
                s.spend_{lookback}d AS monetary
-        FROM member_stats s JOIN members mb ON mb.id = s.member_id
-        WHERE mb.status = 'active' AND s.purchases_{lookback}d > 0
+        FROM member_stats s
+        WHERE s.purchases_{lookback}d > 0
+          -- The few members not active, by their partial index (not every member row).
+          AND NOT EXISTS (SELECT 1 FROM members mb
+                          WHERE mb.id = s.member_id AND mb.status <> 'active')
     """
 
 
@@ -206,9 +209,19 @@ def explain_scores(
 # --- monthly snapshots and the movement matrix --------------------------------------------
 
 
+# Advisory lock class of the monthly snapshot (the second key is the month).
+_SNAPSHOT_LOCK = 7_264_003
+
+
 def take_snapshot(session: Session, as_of: date) -> dict[str, Any]:
     """Keep the scores of the first refresh of each month (once; later runs skip)."""
     month = as_of.replace(day=1)
+    # Two refreshes of one month take turns here, so the second sees the first's rows and
+    # the insert needs no conflict check per row (speculative insertion costs ~a third more).
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(:k, :m)"),
+        {"k": _SNAPSHOT_LOCK, "m": month.year * 12 + month.month},
+    )
     exists = session.scalar(
         text("SELECT EXISTS (SELECT 1 FROM rfm_snapshots WHERE month = :month)"),
         {"month": month},
@@ -219,7 +232,7 @@ def take_snapshot(session: Session, as_of: date) -> dict[str, Any]:
         text(
             "INSERT INTO rfm_snapshots (month, member_id, r, f, m, rfm_segment)"
             " SELECT :month, member_id, r, f, m, rfm_segment FROM member_scores"
-            " WHERE r IS NOT NULL ON CONFLICT DO NOTHING"
+            " WHERE r IS NOT NULL"
         ),
         {"month": month},
     )

@@ -102,21 +102,39 @@ def _save_state(bind: Bind, as_of: date, timezone: str) -> WindowState:
 # (from `tx LEFT JOIN stats_windows w ON w.id = 1`) and the update. Before the first
 # refresh there is no window state and everything counts; that refresh rebuilds anyway.
 
-PURCHASE_WINDOW_COLUMNS = (
-    "purchases_30d, purchases_90d, purchases_365d, spend_30d, spend_90d, spend_365d"
-)
+_WINDOW_COLUMNS = "purchases_30d, purchases_90d, purchases_365d, spend_30d, spend_90d, spend_365d"
+# The windows plus the member's sorted distinct local purchase days (purchase_dates).
+PURCHASE_WINDOW_COLUMNS = f"{_WINDOW_COLUMNS}, purchase_dates"
 # Before the first refresh there is no window state yet: fall back to "the last N days
 # from now", which the first refresh or rebuild then aligns to local midnight.
 _IN = "(CAST(:occurred_at AS timestamptz) >= COALESCE(w.start_{n}d, now() - interval '{n} days'))"
+# The purchase's local day in the windows' time zone; without a window state the day is
+# not known (NULL array), and the first refresh reads it from the transactions.
+_PURCHASE_DATE = (
+    "CASE WHEN w.timezone IS NOT NULL"
+    " THEN ARRAY[CAST(timezone(w.timezone, CAST(:occurred_at AS timestamptz)) AS date)] END"
+)
 PURCHASE_WINDOW_VALUES = ", ".join(
     [f"CAST({_IN.format(n=n)} AS integer)" for n in WINDOWS]
     + [f"CASE WHEN {_IN.format(n=n)} THEN CAST(:amount AS numeric) ELSE 0 END" for n in WINDOWS]
+    + [_PURCHASE_DATE]
 )
 PURCHASE_WINDOW_FROM = "LEFT JOIN stats_windows w ON w.id = 1"
+# Adding a day to the sorted array: usually the newest day (append) or one already there;
+# a back-dated purchase is merged in order. Unknown on either side stays unknown.
+PURCHASE_DATES_MERGE = """CASE
+        WHEN ms.purchase_dates IS NULL OR EXCLUDED.purchase_dates IS NULL THEN NULL
+        WHEN EXCLUDED.purchase_dates[1] > ms.purchase_dates[cardinality(ms.purchase_dates)]
+            THEN ms.purchase_dates || EXCLUDED.purchase_dates
+        WHEN EXCLUDED.purchase_dates[1] = ANY(ms.purchase_dates) THEN ms.purchase_dates
+        ELSE ARRAY(SELECT DISTINCT u.d FROM unnest(ms.purchase_dates || EXCLUDED.purchase_dates)
+                   AS u(d) ORDER BY u.d)
+    END"""
 PURCHASE_WINDOW_UPDATE = ", ".join(
-    f"{c} = ms.{c} + EXCLUDED.{c}" for c in PURCHASE_WINDOW_COLUMNS.split(", ")
+    [f"{c} = ms.{c} + EXCLUDED.{c}" for c in _WINDOW_COLUMNS.split(", ")]
+    + [f"purchase_dates = {PURCHASE_DATES_MERGE}"]
 )
-PURCHASE_WINDOW_RETURNING = PURCHASE_WINDOW_COLUMNS
+PURCHASE_WINDOW_RETURNING = _WINDOW_COLUMNS
 
 _APPLY_PURCHASE = text(
     f"""
@@ -170,7 +188,13 @@ def apply_refund_to_windows(bind: Bind, original_id: int, amount: Decimal) -> No
 
 # --- daily ageing -------------------------------------------------------------------------
 
-_LEFT = "(occurred_at >= :old{n} AND occurred_at < :new{n})"
+# One branch per window, each reading one range of the occurred_at index alone (it
+# INCLUDEs these columns, migration 0007): an OR of the ranges would be a bitmap scan,
+# which visits the heap page of every purchase. A purchase in two ranges (ageing by more
+# than 60 days at once) is counted once in each window, as it should be.
+_LEFT = """
+        SELECT {n} AS w, member_id, amount - refunded_amount AS net FROM transactions
+        WHERE occurred_at >= :old{n} AND occurred_at < :new{n} AND kind = 'purchase'"""
 _AGE = text(
     f"""
     UPDATE member_stats ms SET
@@ -178,15 +202,9 @@ _AGE = text(
         {", ".join(f"spend_{n}d = ms.spend_{n}d - l.s{n}" for n in WINDOWS)}
     FROM (
         SELECT member_id,
-               {", ".join(f"count(*) FILTER (WHERE {_LEFT.format(n=n)}) AS c{n}" for n in WINDOWS)},
-               {
-        ", ".join(
-            f"COALESCE(sum(amount - refunded_amount) FILTER (WHERE {_LEFT.format(n=n)}), 0) AS s{n}"
-            for n in WINDOWS
-        )
-    }
-        FROM transactions
-        WHERE kind = 'purchase' AND ({" OR ".join(_LEFT.format(n=n) for n in WINDOWS)})
+               {", ".join(f"count(*) FILTER (WHERE w = {n}) AS c{n}" for n in WINDOWS)},
+               {", ".join(f"COALESCE(sum(net) FILTER (WHERE w = {n}), 0) AS s{n}" for n in WINDOWS)}
+        FROM ({" UNION ALL ".join(_LEFT.format(n=n) for n in WINDOWS)}) t
         GROUP BY member_id
     ) l
     WHERE ms.member_id = l.member_id
@@ -206,8 +224,7 @@ def age_windows(bind: Bind, as_of: date, timezone: str) -> dict[str, Any]:
     if state is None or state.timezone != timezone or as_of < state.as_of:
         return {"mode": "rebuilt", "members": rebuild_windows(bind, as_of, timezone=timezone)}
     new = window_starts(as_of, timezone)
-    # One day's purchases lie on as many heap pages as purchases (the table is in member
-    # order): a bitmap that fits work_mem stays exact instead of rechecking lossy pages.
+    # The members of three days of purchases (~80k at 1M members) hashed in one batch.
     bind.execute(text("SET LOCAL work_mem = '64MB'"))
     bind.execute(text("SET LOCAL jit = off"))
     params: dict[str, Any] = {}
@@ -242,13 +259,15 @@ _WINDOW_AGG = f"""
     GROUP BY member_id
 """
 
-# Distinct local purchase days and the median gap between consecutive ones.
+# Distinct local purchase days (sorted, and their number) and the median gap between
+# consecutive ones.
 _HISTORY_AGG = f"""
     SELECT member_id, count(*) AS purchase_days,
            CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY gap) AS numeric(8, 1))
-               AS median_interpurchase_days
+               AS median_interpurchase_days,
+           array_agg(day ORDER BY day) AS purchase_dates
     FROM (
-        SELECT member_id, day - lag(day) OVER (PARTITION BY member_id ORDER BY day) AS gap
+        SELECT member_id, day, day - lag(day) OVER (PARTITION BY member_id ORDER BY day) AS gap
         FROM (
             SELECT DISTINCT member_id, {_LOCAL_DAY} AS day
             FROM {{source}}
@@ -274,11 +293,13 @@ _REBUILD_WINDOWS = text(
 _HISTORY_SET = """
     UPDATE member_stats ms SET
         purchase_days = COALESCE(h.purchase_days, 0),
-        median_interpurchase_days = h.median_interpurchase_days
+        median_interpurchase_days = h.median_interpurchase_days,
+        purchase_dates = COALESCE(h.purchase_dates, '{{}}')
     FROM member_stats s LEFT JOIN ({agg}) h USING (member_id)
     WHERE ms.member_id = s.member_id AND ({targets})
       AND (ms.purchase_days IS DISTINCT FROM COALESCE(h.purchase_days, 0)
-           OR ms.median_interpurchase_days IS DISTINCT FROM h.median_interpurchase_days)
+           OR ms.median_interpurchase_days IS DISTINCT FROM h.median_interpurchase_days
+           OR ms.purchase_dates IS DISTINCT FROM COALESCE(h.purchase_dates, '{{}}'))
 """
 _HISTORY_ALL = text(
     _HISTORY_SET.format(agg=_HISTORY_AGG.format(source="transactions"), targets="true")
@@ -290,14 +311,17 @@ _HISTORY_ALL = text(
 _HISTORY_OF_IDS = text(
     _HISTORY_SET.format(
         agg=f"""
-            SELECT d.member_id, h.purchase_days, h.median_interpurchase_days
+            SELECT d.member_id, h.purchase_days, h.median_interpurchase_days, h.purchase_dates
             FROM unnest(CAST(:ids AS bigint[])) AS d(member_id)
             CROSS JOIN LATERAL (
                 SELECT count(*) FILTER (WHERE gap IS NULL OR gap > 0) AS purchase_days,
                        CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY gap)
-                            FILTER (WHERE gap > 0) AS numeric(8, 1)) AS median_interpurchase_days
+                            FILTER (WHERE gap > 0) AS numeric(8, 1)) AS median_interpurchase_days,
+                       array_agg(day ORDER BY at) FILTER (WHERE gap IS NULL OR gap > 0)
+                           AS purchase_dates
                 FROM (
-                    SELECT {_LOCAL_DAY} - lag({_LOCAL_DAY}) OVER (ORDER BY t.occurred_at) AS gap
+                    SELECT t.occurred_at AS at, {_LOCAL_DAY} AS day,
+                           {_LOCAL_DAY} - lag({_LOCAL_DAY}) OVER (ORDER BY t.occurred_at) AS gap
                     FROM transactions t
                     WHERE t.member_id = d.member_id AND t.kind = 'purchase'
                 ) g
@@ -318,7 +342,8 @@ _REBUILD_ALL = text(
     UPDATE member_stats ms SET
         {", ".join(f"{c} = COALESCE(a.{c}, 0)" for c in _COLUMNS)},
         purchase_days = COALESCE(a.purchase_days, 0),
-        median_interpurchase_days = a.median_interpurchase_days
+        median_interpurchase_days = a.median_interpurchase_days,
+        purchase_dates = COALESCE(a.purchase_dates, '{{}}')
     FROM member_stats s LEFT JOIN (
         SELECT member_id,
                {
@@ -335,9 +360,11 @@ _REBUILD_ALL = text(
     },
                count(*) FILTER (WHERE gap IS NULL OR gap > 0) AS purchase_days,
                CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY gap) FILTER (WHERE gap > 0)
-                    AS numeric(8, 1)) AS median_interpurchase_days
+                    AS numeric(8, 1)) AS median_interpurchase_days,
+               array_agg(day ORDER BY occurred_at) FILTER (WHERE gap IS NULL OR gap > 0)
+                   AS purchase_dates
         FROM (
-            SELECT member_id, occurred_at, amount, refunded_amount,
+            SELECT member_id, occurred_at, amount, refunded_amount, {_LOCAL_DAY} AS day,
                    {_LOCAL_DAY} - lag({_LOCAL_DAY})
                        OVER (PARTITION BY member_id ORDER BY occurred_at) AS gap
             FROM transactions
@@ -348,11 +375,13 @@ _REBUILD_ALL = text(
     WHERE ms.member_id = s.member_id
       AND ({" OR ".join(f"ms.{c} IS DISTINCT FROM COALESCE(a.{c}, 0)" for c in _COLUMNS)}
            OR ms.purchase_days IS DISTINCT FROM COALESCE(a.purchase_days, 0)
-           OR ms.median_interpurchase_days IS DISTINCT FROM a.median_interpurchase_days)
+           OR ms.median_interpurchase_days IS DISTINCT FROM a.median_interpurchase_days
+           OR ms.purchase_dates IS DISTINCT FROM COALESCE(a.purchase_dates, '{{}}'))
     RETURNING ({" OR ".join(f"s.{c} IS DISTINCT FROM COALESCE(a.{c}, 0)" for c in _COLUMNS)})
         AS windows_changed,
         (s.purchase_days IS DISTINCT FROM COALESCE(a.purchase_days, 0)
-         OR s.median_interpurchase_days IS DISTINCT FROM a.median_interpurchase_days)
+         OR s.median_interpurchase_days IS DISTINCT FROM a.median_interpurchase_days
+         OR s.purchase_dates IS DISTINCT FROM COALESCE(a.purchase_dates, '{{}}'))
         AS history_changed
     )
     SELECT count(*) FILTER (WHERE windows_changed), count(*) FILTER (WHERE history_changed)
@@ -426,31 +455,66 @@ def rebuild_windows(
     return int(changed)
 
 
+# The two summaries from the stored days, for members changed since :since whose days are
+# known: no transaction is read (the purchase path added each purchase's day).
+_MEDIAN_OF_DATES = """(
+    SELECT CAST(percentile_cont(0.5)
+                    WITHIN GROUP (ORDER BY purchase_dates[i + 1] - purchase_dates[i])
+                AS numeric(8, 1))
+    FROM generate_series(1, cardinality(purchase_dates) - 1) AS i)"""
+_HISTORY_FROM_DATES = text(
+    f"""
+    UPDATE member_stats SET
+        purchase_days = cardinality(purchase_dates),
+        median_interpurchase_days = {_MEDIAN_OF_DATES}
+    WHERE updated_at >= :since AND purchase_dates IS NOT NULL
+      AND (purchase_days IS DISTINCT FROM cardinality(purchase_dates)
+           OR median_interpurchase_days IS DISTINCT FROM {_MEDIAN_OF_DATES})
+    """
+)
+
+
 def refresh_history(bind: Bind, since: datetime | None, timezone: str) -> int:
-    """Re-summarise purchase days and median gaps of members changed since `since`."""
+    """Re-summarise purchase days and median gaps of members changed since `since`.
+
+    Members whose purchase days are stored (`purchase_dates`, kept by the purchase path)
+    are summarised from them; the others (days not known yet) from their transactions,
+    which also stores their days.
+    """
+    state = current_state(bind)
     ids: list[int] | None = None
+    written = 0
     if since is not None:
+        since = since - HISTORY_MARGIN
         row = bind.execute(
             text(
-                "SELECT array_agg(member_id) FILTER (WHERE updated_at >= :since), count(*)"
-                " FROM member_stats"
+                "SELECT array_agg(member_id) FILTER (WHERE updated_at >= :since"
+                "  AND purchase_dates IS NULL), count(*) FROM member_stats"
             ),
-            {"since": since - HISTORY_MARGIN},
+            {"since": since},
         ).one()
-        changed, total = row[0] or [], row[1]
-        if not changed:
-            return 0
+        unknown, total = row[0] or [], row[1]
+        # Stored days are in the windows' time zone: another zone means reading them again.
+        if state is not None and state.timezone == timezone:
+            result = bind.execute(_HISTORY_FROM_DATES, {"since": since})
+            written = int(cast(CursorResult[Any], result).rowcount)
+        else:
+            unknown = bind.scalars(
+                text("SELECT member_id FROM member_stats WHERE updated_at >= :since"),
+                {"since": since},
+            ).all()
+        if not unknown:
+            return written
         # The ids go in as an array so each member's purchases are read through the
         # (member_id, occurred_at) index instead of one pass over every transaction.
-        ids = changed if len(changed) <= FULL_HISTORY_SHARE * total else None
-    state = current_state(bind)
+        ids = list(unknown) if len(unknown) <= FULL_HISTORY_SHARE * total else None
     if ids is None and state is not None and state.timezone == timezone:
         # Everyone (or most): the one ordered pass of the full rebuild is the cheapest way,
         # and it writes only rows that differ (windows already right stay untouched).
         params: dict[str, Any] = {"tz": timezone}
         params.update({f"s{n}": state.starts[n] for n in WINDOWS})
-        return _rebuild_all(bind, params)[1]
-    return _history(bind, ids, timezone)
+        return written + _rebuild_all(bind, params)[1]
+    return written + _history(bind, ids, timezone)
 
 
 # --- full rebuild of every column -----------------------------------------------------------
@@ -477,7 +541,7 @@ _EVERYTHING = {
         for n in WINDOWS
     },
 }
-_ALL = [*_EVERYTHING, "net_spend", "purchase_days", "median_interpurchase_days"]
+_ALL = [*_EVERYTHING, "net_spend", "purchase_days", "median_interpurchase_days", "purchase_dates"]
 
 # The aggregate for the members matching {members}. The local day is a plain cast under the
 # business time zone set as the statement's TimeZone (_settings): timezone(:tz, …) looks the
@@ -487,7 +551,9 @@ _AGGREGATE = f"""
            COALESCE(cardinality(days), 0) AS purchase_days,
            (SELECT CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY days[i + 1] - days[i])
                         AS numeric(8, 1))
-            FROM generate_series(1, cardinality(days) - 1) AS i) AS median_interpurchase_days
+            FROM generate_series(1, cardinality(days) - 1) AS i) AS median_interpurchase_days,
+           -- (doubled braces: this text is formatted twice, as an f-string and by .format)
+           COALESCE(days, '{{{{}}}}') AS purchase_dates
     FROM (
         SELECT member_id, {", ".join(f"{v} AS {k}" for k, v in _EVERYTHING.items())},
                array_agg(DISTINCT day ORDER BY day) FILTER (WHERE p) AS days

@@ -1264,7 +1264,10 @@ _WINDOW_VALUES = (
     )
     + ", count(*) FILTER (WHERE kind = 'purchase' AND (gap IS NULL OR gap > 0)),"
     " CAST(percentile_cont(0.5) WITHIN GROUP (ORDER BY gap)"
-    "   FILTER (WHERE kind = 'purchase' AND gap > 0) AS numeric(8, 1))"
+    "   FILTER (WHERE kind = 'purchase' AND gap > 0) AS numeric(8, 1)),"
+    # The sorted distinct purchase days the purchase path then extends (segments.stats).
+    " COALESCE(array_agg(day ORDER BY occurred_at)"
+    "   FILTER (WHERE kind = 'purchase' AND (gap IS NULL OR gap > 0)), '{}')"
 )
 
 _TX_INSERT = (
@@ -1281,14 +1284,14 @@ _TX_INSERT = (
     # The gap from each purchase's local day to the previous purchase's (refunds are
     # their own partition and only counted as lifetime figures).
     " gaps AS ("
-    " SELECT member_id, kind, amount, refunded_amount, occurred_at,"
+    " SELECT member_id, kind, amount, refunded_amount, occurred_at, day,"
     "   day - lag(day) OVER (PARTITION BY member_id, kind ORDER BY occurred_at) AS gap"
     " FROM (SELECT *, CAST(timezone(:tz, occurred_at) AS date) AS day FROM ins) d),"
     " stats AS ("
     " INSERT INTO member_stats AS ms (member_id, first_purchase_at, last_purchase_at,"
     "   purchase_count, purchase_amount, refund_count, refund_amount, net_spend, updated_at,"
     "   purchases_30d, purchases_90d, purchases_365d, spend_30d, spend_90d, spend_365d,"
-    "   purchase_days, median_interpurchase_days)"
+    "   purchase_days, median_interpurchase_days, purchase_dates)"
     " SELECT member_id,"
     "   min(occurred_at) FILTER (WHERE kind = 'purchase'),"
     "   max(occurred_at) FILTER (WHERE kind = 'purchase'),"

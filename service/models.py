@@ -125,6 +125,8 @@ class Member(Base):
         Index("ix_members_home_store_id_id", "home_store_id", "id"),
         Index("ix_members_tier_id", "tier", "id"),
         Index("ix_members_tags", "tags", postgresql_using="gin"),
+        # The few members not active: scoring leaves them out by an anti-join with this.
+        Index("ix_members_not_active", "id", postgresql_where=text("status <> 'active'")),
     )
 
 
@@ -165,8 +167,14 @@ class Transaction(Base):
             "(kind = 'refund') = (original_id IS NOT NULL)", name="refund_has_original"
         ),
         Index("ix_transactions_member_id_occurred_at", "member_id", "occurred_at"),
-        # The daily window ageing reads one day of purchases per window by time.
-        Index("ix_transactions_occurred_at", "occurred_at"),
+        # The daily window ageing reads one day of purchases per window by time, from the
+        # index alone (segments.stats._AGE): the heap is in member order after an import,
+        # so one day's purchases would cost one random page read each.
+        Index(
+            "ix_transactions_occurred_at",
+            "occurred_at",
+            postgresql_include=["member_id", "kind", "amount", "refunded_amount"],
+        ),
         Index(
             "uq_transactions_idempotency_key",
             "idempotency_key",
@@ -204,6 +212,10 @@ class MemberStats(Base):
     # members whose row changed): distinct local purchase days, median gap between them.
     purchase_days: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     median_interpurchase_days: Mapped[Decimal | None] = mapped_column(Numeric(8, 1))
+    # The distinct local purchase days, sorted; each purchase adds its day, and the daily
+    # refresh derives the two summaries above from it. NULL: not known yet (read from the
+    # transactions at the next refresh).
+    purchase_dates: Mapped[list[date] | None] = mapped_column(ARRAY(Date))
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=_now())
 
 

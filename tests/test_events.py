@@ -337,3 +337,42 @@ def test_purchase_and_refund_keep_rolling_windows_equal_to_a_rebuild(
     assert str(incremental.spend_30d) == "50.00"
     rebuild_windows(session)
     assert session.execute(query, {"m": member}).one() == incremental
+
+
+def test_each_purchase_adds_its_local_day_to_the_members_purchase_dates(
+    client: FlaskClient, pos: dict[str, str], member: str, store: str, session: Session
+):
+    """The days the daily refresh summarises come from the purchase path, in order, once."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import text
+
+    from segments.stats import current_state, rebuild_windows
+
+    rebuild_windows(session)  # a window state: its time zone decides the local day
+    state = current_state(session)
+    assert state is not None
+    now = datetime.now(UTC).replace(microsecond=0)
+    days = [now - timedelta(days=3), now - timedelta(days=40), now - timedelta(days=3), now]
+    for when in days:  # the second is back-dated, the third on a day already there
+        payload = purchase_payload(member, store, amount="5.00", occurred_at=when.isoformat())
+        assert client.post("/v1/events/purchases", json=payload, headers=pos).status_code == 201
+    query = text(
+        "SELECT purchase_dates FROM member_stats ms JOIN members m ON m.id = ms.member_id"
+        " WHERE m.external_id = :m"
+    )
+    from zoneinfo import ZoneInfo
+
+    zone = ZoneInfo(state.timezone)
+    expected = sorted({d.astimezone(zone).date() for d in days})
+    assert session.execute(query, {"m": member}).scalar_one() == expected
+    # A rebuild from the transactions finds the same days.
+    session.execute(
+        text(
+            "UPDATE member_stats SET purchase_dates = NULL WHERE member_id ="
+            " (SELECT id FROM members WHERE external_id = :m)"
+        ),
+        {"m": member},
+    )
+    rebuild_windows(session)
+    assert session.execute(query, {"m": member}).scalar_one() == expected

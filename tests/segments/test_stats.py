@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from zoneinfo import ZoneInfo
@@ -196,3 +197,67 @@ def test_rebuild_all_stats_restores_everything(session: Session, shop: int, isol
     stats.rebuild_all_stats(session, START, timezone=TZ)
     assert windows_of(session, [member]) == before
     assert before[member][3] == Decimal("50.00")
+
+
+def python_history(days: list[date]) -> tuple[list[date], int, Decimal | None]:
+    """Sorted distinct days, their number and the median gap, computed here in Python."""
+    distinct = sorted(set(days))
+    gaps = sorted((b - a).days for a, b in itertools.pairwise(distinct))
+    if not gaps:
+        return distinct, len(distinct), None
+    mid = len(gaps) // 2
+    median = Decimal(gaps[mid]) if len(gaps) % 2 else Decimal(gaps[mid - 1] + gaps[mid]) / 2
+    return distinct, len(distinct), median.quantize(Decimal("0.1"))
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    purchases=st.lists(
+        st.tuples(st.integers(0, 2), st.integers(-500, 0), st.sampled_from((0, 12, 23))),
+        min_size=1,
+        max_size=12,
+    ),
+    unknown=st.sets(st.integers(0, 2)),
+)
+def test_history_from_stored_days_equals_history_from_transactions(
+    session: Session,
+    shop: int,
+    isolated: None,
+    purchases: list[tuple[int, int, int]],
+    unknown: set[int],
+) -> None:
+    """Purchases in any order (back-dated, same day, around local midnight) keep the sorted
+    days the purchase path stores; the refresh's summaries from them equal Python's and a
+    rebuild from the transactions. Members whose days are unknown (NULL) are read from
+    their transactions and get their days stored."""
+    with session.begin_nested() as savepoint:
+        members = [add_member(session, shop) for _ in range(3)]
+        stats.rebuild_windows(session, START, timezone=TZ)
+        since = session.scalar(text("SELECT now()"))
+        days: dict[int, list[date]] = {}
+        for who, offset, hour in purchases:
+            when = local(START + timedelta(days=offset), hour)
+            add_purchase(session, members[who], shop, when, "1")
+            days.setdefault(members[who], []).append(when.date())
+        session.execute(
+            text("UPDATE member_stats SET purchase_dates = NULL WHERE member_id = ANY(:ids)"),
+            {"ids": [members[i] for i in unknown]},
+        )
+        stats.refresh_history(session, since, TZ)
+        query = text(
+            "SELECT member_id, purchase_dates, purchase_days, median_interpurchase_days"
+            " FROM member_stats WHERE member_id = ANY(:ids)"
+        )
+        got = {r[0]: tuple(r[1:]) for r in session.execute(query, {"ids": members})}
+        assert got == {m: python_history(d) for m, d in days.items()}
+        # The one-pass rebuild from the transactions finds the same history.
+        state = stats.current_state(session)
+        assert state is not None
+        params: dict[str, object] = {"tz": TZ, **{f"s{n}": state.starts[n] for n in stats.WINDOWS}}
+        stats._rebuild_all(session, params)
+        assert {r[0]: tuple(r[1:]) for r in session.execute(query, {"ids": members})} == got
+        savepoint.rollback()
