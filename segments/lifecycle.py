@@ -23,6 +23,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from segments import stats
 from segments.config import ScoringConfig
 from service.errors import ValidationFailed
 
@@ -46,13 +47,13 @@ STAGE_SQL = """
 
 # Every active member with their statistics and local days since the first and the last
 # purchase. OFFSET 0 keeps the planner from pulling the subquery up, which would copy the
-# time zone conversions into every use of d in STAGE_SQL (up to four per member).
+# time zone conversions into every use of d in STAGE_SQL (up to four per member). The
+# local day is a plain cast under the business zone as TimeZone (refresh_stages): the
+# timezone() function with a zone name looks the zone up on every call.
 _DAYS = """
     SELECT mb.id AS member_id, s.last_purchase_at, s.purchase_days, s.median_interpurchase_days,
-           GREATEST(CAST(:as_of AS date) - CAST(timezone(:tz, s.first_purchase_at) AS date), 0)
-               AS d1,
-           GREATEST(CAST(:as_of AS date) - CAST(timezone(:tz, s.last_purchase_at) AS date), 0)
-               AS d
+           GREATEST(CAST(:as_of AS date) - CAST(s.first_purchase_at AS date), 0) AS d1,
+           GREATEST(CAST(:as_of AS date) - CAST(s.last_purchase_at AS date), 0) AS d
     FROM members mb LEFT JOIN member_stats s ON s.member_id = mb.id
     WHERE mb.status = 'active'
     OFFSET 0
@@ -113,7 +114,9 @@ def stage_params(as_of: date, config: ScoringConfig) -> dict[str, Any]:
 def refresh_stages(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
     """Write every member's stage as of `as_of` and record the changes (idempotent per date)."""
     _tune(session)
+    old = stats.set_local(session, {"TimeZone": config.timezone})
     row = session.execute(text(_REFRESH), stage_params(as_of, config)).one()
+    stats.set_local(session, old)
     # A re-run that moved a member back to the stage it had before that date is no change.
     session.execute(
         text("DELETE FROM lifecycle_changes WHERE changed_on = :as_of AND from_stage = to_stage"),

@@ -24,7 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
-from segments import churn
+from segments import churn, stats
 from segments.config import ScoringConfig
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,9 @@ class SwapTimeout(RuntimeError):
 
 def _prepare_keys(session: Session, as_of: date, config: ScoringConfig) -> None:
     session.execute(text("DROP TABLE IF EXISTS pg_temp.patron_churn_keys"))
-    zone = session.scalar(text("SELECT current_setting('TimeZone')"))
-    session.execute(text("SELECT set_config('TimeZone', :tz, true)"), {"tz": config.timezone})
+    old = stats.set_local(session, {"TimeZone": config.timezone})
     session.execute(text(_KEYS), {"as_of": as_of})
-    session.execute(text("SELECT set_config('TimeZone', :tz, true)"), {"tz": zone})
+    stats.set_local(session, old)
     session.execute(text("ANALYZE patron_churn_keys"))
 
 

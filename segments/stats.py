@@ -600,7 +600,7 @@ _PART = f"CREATE UNLOGGED TABLE {{table}} WITH (autovacuum_enabled = false) AS {
 ORDERED_HEAP = 0.9
 
 
-def _set_local(bind: Bind, settings: dict[str, str]) -> dict[str, str]:
+def set_local(bind: Bind, settings: dict[str, str]) -> dict[str, str]:
     """Set each setting for the rest of this transaction; returns the values to set back.
 
     (An error aborts the transaction, which sets them back by itself.)
@@ -804,7 +804,7 @@ def rebuild_all_stats(
     params.update({f"s{n}": start for n, start in window_starts(as_of, tz).items()})
     if split:
         return _rebuild_in_parts(bind, params, parts)
-    old = _set_local(bind, _settings(bind, tz))
+    old = set_local(bind, _settings(bind, tz))
     written = cast(CursorResult[Any], bind.execute(_REBUILD_EVERYTHING, params)).rowcount
-    _set_local(bind, old)
+    set_local(bind, old)
     return int(written)
