@@ -46,7 +46,9 @@ _KEYS = f"""
            CASE WHEN purchase_days > 1 THEN last_day - first_day ELSE 0 END AS t_x,
            -- A purchase after the as-of date (a back-dated run) must not make T < t_x.
            GREATEST(CAST(:as_of AS date) - first_day, last_day - first_day, 0) AS big_t,
-           GREATEST(net_spend / NULLIF(purchase_count, 0), 0) AS mean_spend,
+           -- Only the build's double precision arithmetic reads it: no numeric division.
+           GREATEST(CAST(net_spend AS double precision) / NULLIF(purchase_count, 0), 0)
+               AS mean_spend,
            -- Mean spend per purchase of members with repeat purchases, rounded to the
            -- cent so that equal values group together (the Gamma-Gamma fit's input).
            CASE WHEN purchase_days > 1 AND purchase_count > 0 AND net_spend > 0
@@ -93,14 +95,12 @@ _BUILD = """
            -- The model's NaN (not fitted) is no score.
            CAST(NULLIF(c.p_alive, 'NaN') AS numeric(6, 5)) AS p_alive,
            CAST(NULLIF(c.expected, 'NaN') AS numeric(10, 4)) AS expected_purchases_90d,
+           -- Computed in double precision; the cast to numeric(14, 2) rounds to the cent
+           -- (half away from zero, as round(numeric, 2) would).
            CAST(CASE WHEN :gg_ok THEN
-                -- round(double precision) would round to a whole unit: cents need numeric.
-                round(CAST(NULLIF(c.expected, 'NaN') * CAST(:gp AS double precision)
-                           * (CAST(:gv AS double precision)
-                              + k.mean_spend * k.x * CAST(k.x > 0 AS integer))
-                           / NULLIF(CAST(:gp AS double precision) * k.x
-                                    + CAST(:gq AS double precision) - 1, 0)
-                           AS numeric), 2)
+                NULLIF(c.expected, 'NaN') * CAST(:gp AS double precision)
+                * (CAST(:gv AS double precision) + k.mean_spend * k.x * CAST(k.x > 0 AS integer))
+                / NULLIF(CAST(:gp AS double precision) * k.x + CAST(:gq AS double precision) - 1, 0)
                 END AS numeric(14, 2)) AS expected_value
     FROM patron_churn_keys k JOIN patron_churn_predictions c ON c.combo = k.combo
 """
