@@ -616,7 +616,7 @@ def _write(
     rewards: Rewards,
 ) -> None:
     """Decisions, coupons and messages in one statement; then tiers and the rewards."""
-    from campaigns.coupons import coupon_dict, validity
+    from campaigns.coupons import validity
 
     won = [o for o in outcomes if o.reason is None]
     issuing = [o.campaign for o in won if "coupon" in o.campaign.actions]
@@ -657,13 +657,7 @@ def _write(
             continue  # this evaluation was decided before: nothing more to give
         if "coupon" in c.actions:
             if row.coupon_id is not None:
-                shape = coupon_dict(
-                    row.code,
-                    c.template,
-                    face_value=row.face_value,
-                    valid_from=row.valid_from,
-                    valid_until=row.valid_until,
-                )
+                shape = _coupon_shape(row, c.template)
             else:  # a code collision: the one-by-one path draws again
                 found, shape = _issue(session, c, member_id, int(row.id), now)
                 if "message" in c.actions:
@@ -693,12 +687,26 @@ def _write(
         rewards.offers.append({"campaign": c.name, "kind": c.kind})
 
 
+def _coupon_shape(row: Any, template: Any) -> dict[str, Any]:
+    """What the till is told of a coupon just issued (from a row with its code, face value
+    and validity)."""
+    from campaigns.coupons import coupon_dict
+
+    return coupon_dict(
+        row.code,
+        template,
+        face_value=row.face_value,
+        valid_from=row.valid_from,
+        valid_until=row.valid_until,
+    )
+
+
 def _issue(
     session: Session, c: Compiled, member_id: int, decision_id: int, now: datetime
 ) -> tuple[int | None, dict[str, Any]]:
     """Issue the campaign's coupon with the template compiled in (one INSERT)."""
     from campaigns import codes
-    from campaigns.coupons import ISSUE_STATEMENT, coupon_dict, issue_coupon, validity
+    from campaigns.coupons import ISSUE_STATEMENT, issue_coupon, validity
 
     valid_from, valid_until = validity(c.template, now)
     params = {
@@ -714,14 +722,7 @@ def _issue(
     }
     row = execute_prepared(session, ISSUE_STATEMENT, params)
     if row is not None:
-        shape = coupon_dict(
-            row.code,
-            c.template,
-            face_value=row.face_value,
-            valid_from=row.valid_from,
-            valid_until=row.valid_until,
-        )
-        return int(row.id), shape
+        return int(row.id), _coupon_shape(row, c.template)
     # A code collision (about 1 in 2**74): the general path draws again.
     shape = issue_coupon(
         session,

@@ -7,35 +7,17 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
-import pytest
 from flask.testing import FlaskClient
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from campaigns import coupons as coupon_service
 from campaigns.codes import is_well_formed
-from campaigns.engine import ACTIVE
 from campaigns.models import Campaign, Decision
 from campaigns.templates import save_variant
 from service.models import AuditEntry, Member
 from service.stores import upsert_store
 from tests.conftest import KeyFactory, purchase_payload, unique
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache() -> None:
-    # Each test's campaigns live in its own rolled-back transaction.
-    ACTIVE.clear()
-
-
-@pytest.fixture
-def marketer(auth: KeyFactory) -> dict[str, str]:
-    return auth("marketer")
-
-
-@pytest.fixture
-def pos(auth: KeyFactory) -> dict[str, str]:
-    return auth("pos")
 
 
 def coupon_template(session: Session, amount: str = "50.00", days: int = 30) -> str:

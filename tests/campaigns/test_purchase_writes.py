@@ -3,7 +3,6 @@ exclusivity decided within one evaluation, and facts read apart from swapped tab
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -12,7 +11,6 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from campaigns import codes
-from campaigns.engine import ACTIVE
 from service import db
 from tests.campaigns.test_campaigns import (
     activate,
@@ -22,25 +20,7 @@ from tests.campaigns.test_campaigns import (
     member,
     message_template,
 )
-from tests.conftest import KeyFactory, purchase_payload
-
-
-@pytest.fixture(autouse=True)
-def _fresh_cache() -> Iterator[None]:
-    # Each test's campaigns live in its own rolled-back transaction.
-    ACTIVE.clear()
-    yield
-    ACTIVE.clear()
-
-
-@pytest.fixture
-def marketer(auth: KeyFactory) -> dict[str, str]:
-    return auth("marketer")
-
-
-@pytest.fixture
-def pos(auth: KeyFactory) -> dict[str, str]:
-    return auth("pos")
+from tests.conftest import purchase_payload
 
 
 def buy(client: FlaskClient, pos: dict[str, str], m: str, store: str) -> dict[str, Any]:

@@ -27,11 +27,6 @@ def _windows_from_now(session: Session) -> None:
     session.flush()
 
 
-@pytest.fixture
-def pos(auth: KeyFactory) -> dict[str, str]:
-    return auth("pos")
-
-
 def make_member(client: FlaskClient, auth: KeyFactory, store: str, tz: str = "Asia/Shanghai"):
     ext = unique("M")
     resp = client.put(
