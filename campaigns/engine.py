@@ -164,6 +164,11 @@ class Compiled:
     def message_only(self) -> bool:
         return set(self.actions) == {"message"}
 
+    @property
+    def rule_hash(self) -> str | None:
+        """The condition's content hash, which decisions record (None without a condition)."""
+        return self.condition.hash if self.condition is not None else None
+
 
 def condition_scope(definition: Mapping[str, Any]) -> Scope:
     """Purchase-triggered conditions may read the purchase (event fields)."""
@@ -362,6 +367,8 @@ class Rewards:
 
 
 def _in_audience(c: Compiled, facts: Mapping[str, Any]) -> tuple[bool, dict[str, Any]]:
+    if not c.audience:
+        return True, {}
     checks = (
         ("segments", set(facts.get("segments") or ())),
         ("stores", {facts.get("home_store")}),
@@ -558,27 +565,30 @@ def evaluate_member(
 # messages chained by data-modifying CTEs. A decision already recorded (the unique key per
 # evaluation) gets no coupon and no message. Returns the qualified decisions just written,
 # with their coupon when one was issued.
+#
+# Each set of rows comes as one JSON array (see `_write`), parsed once as jsonb: the
+# details (explanations) are taken from it as they are. Arrays per column cost more CPU
+# on both sides (psycopg2 adapts each element, PostgreSQL parses an ARRAY[...] expression
+# per column and each detail again), and so does `json`, which is parsed to validate it,
+# again to split it into rows and a third time for each jsonb detail.
 _WRITE = text(
     """
     WITH d AS (
         INSERT INTO decisions (campaign_id, campaign_version, member_id, period, trigger,
                                outcome, reason, rule_hash, detail, transaction_id, decided_at)
-        SELECT c, v, :member_id, :period, :trigger,
-               CASE WHEN r IS NULL THEN 'qualified' ELSE 'suppressed' END, r, h,
-               CAST(d AS jsonb), :transaction_id, :now
-        FROM unnest(CAST(:campaigns AS bigint[]), CAST(:versions AS integer[]),
-                    CAST(:reasons AS text[]), CAST(:hashes AS text[]),
-                    CAST(:details AS text[])) AS x(c, v, r, h, d)
+        SELECT x.c, x.v, :member_id, :period, :trigger,
+               CASE WHEN x.r IS NULL THEN 'qualified' ELSE 'suppressed' END, x.r, x.h, x.d,
+               :transaction_id, :now
+        FROM jsonb_to_recordset(CAST(:decisions AS jsonb))
+             AS x(c bigint, v integer, r text, h text, d jsonb)
         ON CONFLICT ON CONSTRAINT uq_decisions_evaluation DO NOTHING
         RETURNING campaign_id, id, outcome
     ), k AS (
         INSERT INTO coupons (code, template_id, member_id, campaign_id, decision_id,
                              face_value, valid_from, valid_until, issued_at)
         SELECT y.code, y.t, :member_id, y.c, d.id, y.f, y.vf, y.vu, :now
-        FROM unnest(CAST(:codes AS text[]), CAST(:coupon_templates AS bigint[]),
-                    CAST(:coupon_campaigns AS bigint[]), CAST(:faces AS numeric[]),
-                    CAST(:froms AS timestamptz[]), CAST(:untils AS timestamptz[]))
-             AS y(code, t, c, f, vf, vu)
+        FROM jsonb_to_recordset(CAST(:coupons AS jsonb))
+             AS y(code text, t bigint, c bigint, f numeric, vf timestamptz, vu timestamptz)
         JOIN d ON d.campaign_id = y.c
         ON CONFLICT DO NOTHING
         RETURNING id, decision_id, code, face_value, valid_from, valid_until
@@ -586,8 +596,8 @@ _WRITE = text(
         INSERT INTO outbox_messages (member_id, campaign_id, decision_id, coupon_id, template,
                                      channel, kind, not_after)
         SELECT :member_id, z.c, d.id, k.id, z.t, z.ch, z.kind, k.valid_until
-        FROM unnest(CAST(:message_campaigns AS bigint[]), CAST(:message_templates AS text[]),
-                    CAST(:channels AS text[]), CAST(:kinds AS text[])) AS z(c, t, ch, kind)
+        FROM jsonb_to_recordset(CAST(:messages AS jsonb))
+             AS z(c bigint, t text, ch text, kind text)
         JOIN d ON d.campaign_id = z.c
         LEFT JOIN k ON k.decision_id = d.id
         ON CONFLICT (decision_id, template) DO NOTHING
@@ -619,34 +629,46 @@ def _write(
     from campaigns.coupons import validity
 
     won = [o for o in outcomes if o.reason is None]
-    issuing = [o.campaign for o in won if "coupon" in o.campaign.actions]
-    terms = [validity(c.template, now) for c in issuing]
-    messaging = [o for o in won if "message" in o.campaign.actions]
-    messages = [o.campaign.actions["message"] for o in messaging]
+    coupons: list[dict[str, Any]] = []
+    messages: list[dict[str, Any]] = []
+    for o in won:
+        c = o.campaign
+        if "coupon" in c.actions:
+            valid_from, valid_until = validity(c.template, now)
+            coupons.append(
+                {
+                    "code": codes.new_code(),
+                    "t": c.template.id,
+                    "c": c.id,
+                    "f": str(c.template.face_value),
+                    "vf": valid_from.isoformat(),
+                    "vu": valid_until.isoformat(),
+                }
+            )
+        message = c.actions.get("message")
+        if message:
+            channel = o.detail.get("channel") or message.get("channel")
+            kind = message.get("kind", "marketing")
+            messages.append({"c": c.id, "t": message["template"], "ch": channel, "kind": kind})
+    decisions = [
+        {
+            "c": o.campaign.id,
+            "v": o.campaign.version,
+            "r": o.reason,
+            "h": o.campaign.rule_hash,
+            "d": o.detail or None,
+        }
+        for o in outcomes
+    ]
     params = {
         "member_id": member_id,
         "period": period,
         "trigger": trigger,
         "transaction_id": transaction_id,
         "now": now,
-        "campaigns": [o.campaign.id for o in outcomes],
-        "versions": [o.campaign.version for o in outcomes],
-        "reasons": [o.reason for o in outcomes],
-        "hashes": [o.campaign.condition.hash if o.campaign.condition else None for o in outcomes],
-        "details": [json.dumps(o.detail, default=str) if o.detail else None for o in outcomes],
-        "codes": [codes.new_code() for _ in issuing],
-        "coupon_templates": [c.template.id for c in issuing],
-        "coupon_campaigns": [c.id for c in issuing],
-        "faces": [c.template.face_value for c in issuing],
-        "froms": [t[0] for t in terms],
-        "untils": [t[1] for t in terms],
-        "message_campaigns": [o.campaign.id for o in messaging],
-        "message_templates": [m["template"] for m in messages],
-        "channels": [
-            o.detail.get("channel") or m.get("channel")
-            for o, m in zip(messaging, messages, strict=True)
-        ],
-        "kinds": [m.get("kind", "marketing") for m in messages],
+        "decisions": json.dumps(decisions, default=str),
+        "coupons": json.dumps(coupons),
+        "messages": json.dumps(messages),
     }
     rows = execute_prepared_all(session, _WRITE, params)
     written = {int(r.campaign_id): r for r in rows}

@@ -122,13 +122,18 @@ class Decision(Base):
     `period` is the evaluation the decision answers: the purchase (``txn:<id>``), the
     sign-up, or the batch run (``run:<key>``). The unique constraint makes re-running
     an evaluation idempotent.
+
+    No foreign keys (migration 0008): a purchase writes a row per active campaign, and
+    the per-row checks were a fifth of its database work. Campaigns and members are never
+    deleted, and the writers read both first; deleting either by hand still takes its
+    decisions along (AFTER DELETE triggers on campaigns and members).
     """
 
     __tablename__ = "decisions"
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id", ondelete="CASCADE"))
+    campaign_id: Mapped[int] = mapped_column(BigInteger)
     campaign_version: Mapped[int] = mapped_column(Integer)
-    member_id: Mapped[int] = mapped_column(ForeignKey("members.id", ondelete="CASCADE"))
+    member_id: Mapped[int] = mapped_column(BigInteger)
     period: Mapped[str] = mapped_column(String(120))
     trigger: Mapped[str] = mapped_column(String(16))
     outcome: Mapped[str] = mapped_column(String(12))
@@ -143,7 +148,7 @@ class Decision(Base):
         CheckConstraint("outcome IN ('qualified', 'suppressed')", name="outcome"),
         CheckConstraint("(outcome = 'qualified') = (reason IS NULL)", name="reason_iff_suppressed"),
         Index("ix_decisions_member_id_decided_at", "member_id", "decided_at"),
-        Index("ix_decisions_campaign_id_outcome", "campaign_id", "outcome"),
+        # Lookups by campaign use uq_decisions_evaluation (its first column): migration 0008.
     )
 
 

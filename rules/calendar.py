@@ -34,6 +34,8 @@ from rules.vocabulary import LeapDay, Operator, SqlContext, SqlLeaf
 
 def utc_instant(now: datetime) -> datetime:
     """The evaluation instant in UTC; a naive datetime is refused (its zone is a guess)."""
+    if now.tzinfo is UTC:
+        return now  # the usual case (datetime.now(UTC)): nothing to convert
     if now.tzinfo is None or now.utcoffset() is None:
         raise ValueError("the evaluation instant must be timezone-aware")
     return now.astimezone(UTC)

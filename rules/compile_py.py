@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from rules import calendar
 from rules.ast import All, Leaf, Node, Not, Rule, leaves
@@ -189,31 +189,65 @@ class LeafProbe:
     read: Callable[..., Any]
 
 
-# Compiled leaf factories per vocabulary, by (rule hash, scope): explaining a rule on the
-# hot path (a campaign's condition failing at the till) must not compile Python each
+# Compiled leaf factories per vocabulary, by (rule hash, scope, kind): explaining a rule on
+# the hot path (a campaign's condition failing at the till) must not compile Python each
 # time. Vocabularies are filled before rules are compiled against them.
-_LEAF_FACTORIES: weakref.WeakKeyDictionary[Vocabulary, dict[tuple[str, str], Any]] = (
+_LEAF_FACTORIES: weakref.WeakKeyDictionary[Vocabulary, dict[tuple[str, Scope, str], Any]] = (
     weakref.WeakKeyDictionary()
 )
 _LEAF_CACHE_SIZE = 512
 
 
-def compile_leaves(rule: Rule, vocab: Vocabulary, now: datetime) -> list[LeafProbe]:
-    """Each leaf as its own function, from the same templates the predicate is made of."""
-    found = leaves(rule.root)
+def _cached_factory(rule: Rule, vocab: Vocabulary, kind: Literal["leaves", "trace"]) -> Any:
     cache = _LEAF_FACTORIES.setdefault(vocab, {})
-    key = (rule.hash, rule.scope.value)
+    key = (rule.hash, rule.scope, kind)
     factory = cache.get(key)
     if factory is None:
-        factory = _leaf_factory(rule, vocab)
+        factory = (_trace_factory if kind == "trace" else _leaf_factory)(rule, vocab)
         if len(cache) >= _LEAF_CACHE_SIZE:
             cache.clear()
         cache[key] = factory
-    made = factory(calendar.utc_instant(now))
+    return factory
+
+
+def compile_leaves(rule: Rule, vocab: Vocabulary, now: datetime) -> list[LeafProbe]:
+    """Each leaf as its own function, from the same templates the predicate is made of."""
+    made = _cached_factory(rule, vocab, "leaves")(calendar.utc_instant(now))
     return [
         LeafProbe(pointer, leaf, made[2 * i], made[2 * i + 1])
-        for i, (pointer, leaf) in enumerate(found)
+        for i, (pointer, leaf) in enumerate(leaves(rule.root))
     ]
+
+
+Trace = Callable[[Facts, Facts], tuple[tuple[bool, ...], tuple[Any, ...]]]
+
+
+def trace_leaves(rule: Rule, vocab: Vocabulary, now: datetime) -> Trace:
+    """Every leaf at once, for explanations on the hot path: `(member, event)` to each
+    leaf's result and the value it read, in `leaves` order (no short-circuit).
+
+    The same leaf templates as `compile_leaves`, in one function: a failed campaign
+    condition is explained on every purchase, and making and calling two functions per
+    leaf cost more than evaluating the leaves.
+    """
+    trace: Trace = _cached_factory(rule, vocab, "trace")(calendar.utc_instant(now))
+    return trace
+
+
+def _trace_factory(rule: Rule, vocab: Vocabulary) -> Any:
+    builder = _Builder(vocab)
+    tests: list[str] = []
+    reads: list[str] = []
+    for i, (_, leaf) in enumerate(leaves(rule.root)):
+        tests.append(f"bool({builder.leaf(leaf, i)})")
+        reads.append(builder.read(builder.field(leaf.field)))
+    empty = builder.const(EMPTY)
+    body = [
+        f"def _trace(m, e={empty}):",
+        f"    return ({', '.join(tests)},), ({', '.join(reads)},)",
+    ]
+    factory, _ = _exec(builder, body, "_trace", "trace")
+    return factory
 
 
 def _leaf_factory(rule: Rule, vocab: Vocabulary) -> Any:

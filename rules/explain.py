@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
 from rules.ast import All, Leaf, Node, Not, Rule, child_pointer, encode_value, leaves
-from rules.compile_py import EMPTY, Facts, compile_leaves
+from rules.compile_py import EMPTY, Facts, compile_leaves, trace_leaves
 from rules.text import format_leaf, to_text
-from rules.vocabulary import Vocabulary
+from rules.vocabulary import Scope, Vocabulary
 
 
 @dataclass
@@ -161,11 +161,87 @@ def explain(
     return Explanation(trace.result, trace, to_text(rule.root), now)
 
 
-# Rule text and leaf texts per rule (by content hash and scope): `summary` runs for every
-# campaign condition a purchase fails, and formatting the same rule each time was most
-# of its cost.
-_TEXTS: dict[tuple[str, str], tuple[str, tuple[str, ...]]] = {}
-_TEXTS_SIZE = 512
+# What `summary` needs of a rule apart from the member, per rule (by content hash and
+# scope): the texts, the leaf pointers and the tree over leaf positions. `summary` runs
+# for every campaign condition a purchase fails; formatting the rule and walking its tree
+# each time was most of its cost.
+_LEAF, _NOT, _ALL, _ANY = 0, 1, 2, 3
+# (_LEAF, position) | (_NOT, shape) | (_ALL or _ANY, (shape, ...))
+_Shape: TypeAlias = tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    rule_text: str
+    leaf_texts: tuple[str, ...]
+    pointers: tuple[str, ...]
+    shape: _Shape
+
+
+_PLANS: dict[tuple[str, Scope], _Plan] = {}
+_PLANS_SIZE = 512
+
+
+def _plan(rule: Rule) -> _Plan:
+    key = (rule.hash, rule.scope)
+    found = _PLANS.get(key)
+    if found is None:
+        positions: dict[str, int] = {}
+        texts: list[str] = []
+        for i, (pointer, leaf) in enumerate(leaves(rule.root)):
+            positions[pointer] = i
+            texts.append(format_leaf(leaf))
+
+        def shape(node: Node, pointer: str) -> _Shape:
+            if isinstance(node, Leaf):
+                return (_LEAF, positions[pointer])
+            if isinstance(node, Not):
+                return (_NOT, shape(node.child, child_pointer(pointer, node)))
+            kids = tuple(
+                shape(c, child_pointer(pointer, node, i)) for i, c in enumerate(node.children)
+            )
+            return (_ALL if isinstance(node, All) else _ANY, kids)
+
+        if len(_PLANS) >= _PLANS_SIZE:
+            _PLANS.clear()
+        found = _PLANS[key] = _Plan(
+            to_text(rule.root), tuple(texts), tuple(positions), shape(rule.root, "")
+        )
+    return found
+
+
+def _decide(shape: _Shape, results: tuple[bool, ...]) -> tuple[bool, list[int]]:
+    """(result, the leaves that settle it when this node is decisive, in trace order): the
+    `decisive` rules of `explain`, over leaf positions."""
+    kind = shape[0]
+    if kind == _LEAF:
+        return results[shape[1]], [shape[1]]
+    if kind == _NOT:
+        result, decided = _decide(shape[1], results)
+        return not result, decided
+    kids = [_decide(c, results) for c in shape[1]]
+    if kind == _ALL:
+        result = all(r for r, _ in kids)
+        return result, [p for r, d in kids if result or not r for p in d]
+    result = any(r for r, _ in kids)
+    return result, [p for r, d in kids if not result or r for p in d]
+
+
+# The last instant `summary` formatted: one evaluation explains all its failed campaign
+# conditions at the same instant, and formatting an aware datetime costs more than the
+# rest of a one-leaf explanation. Compared by identity, so an equal instant in another
+# zone is formatted anew; replaced whole, so threads only ever miss.
+_LAST_INSTANT: tuple[datetime, str] | None = None
+
+
+def _isoformat(now: datetime) -> str:
+    global _LAST_INSTANT
+    last = _LAST_INSTANT
+    if last is not None and last[0] is now:
+        return last[1]
+    text = now.isoformat()
+    _LAST_INSTANT = (now, text)
+    return text
 
 
 def summary(
@@ -180,55 +256,23 @@ def summary(
     decisive leaves and one line per leaf (as `Explanation.lines`), and the instant.
 
     Equal to building the explanation and reading those parts, without building the trace;
-    the texts are cached per rule.
+    everything but the member's values is prepared once per rule.
     """
-    key = (rule.hash, rule.scope.value)
-    texts = _TEXTS.get(key)
-    if texts is None:
-        if len(_TEXTS) >= _TEXTS_SIZE:
-            _TEXTS.clear()
-        texts = _TEXTS[key] = (
-            to_text(rule.root),
-            tuple(format_leaf(leaf) for _, leaf in leaves(rule.root)),
-        )
-    rule_text, leaf_texts = texts
-    probes = compile_leaves(rule, vocab, now)
-    ev = event if event is not None else EMPTY
-    results: list[bool] = []
-    actuals: list[Any] = []
-    for probe in probes:
-        results.append(bool(probe.test(member, ev)))
-        actuals.append(probe.read(member, ev))
-    position = {p.pointer: i for i, p in enumerate(probes)}
-
-    def visit(node: Node, pointer: str) -> tuple[bool, list[str]]:
-        # (result, the leaves that settle it when this node is decisive, in trace order)
-        if isinstance(node, Leaf):
-            return results[position[pointer]], [pointer]
-        if isinstance(node, Not):
-            result, decided = visit(node.child, child_pointer(pointer, node))
-            return not result, decided
-        kids = [visit(c, child_pointer(pointer, node, i)) for i, c in enumerate(node.children)]
-        if isinstance(node, All):
-            result = all(k[0] for k in kids)
-            chosen = [d for r, d in kids if result or not r]
-        else:
-            result = any(k[0] for k in kids)
-            chosen = [d for r, d in kids if not result or r]
-        return result, [p for d in chosen for p in d]
-
-    outcome, decided_by = visit(rule.root, "")
-    decided = set(decided_by)
+    plan = _plan(rule)
+    results, actuals = trace_leaves(rule, vocab, now)(member, event if event is not None else EMPTY)
+    outcome, decided = _decide(plan.shape, results)
+    decisive = set(decided)
     lines = []
-    for i, probe in enumerate(probes):
+    for i, text in enumerate(plan.leaf_texts):
+        actual = actuals[i]
+        shown = "missing" if _is_missing(actual) else repr(_jsonable(actual))
         mark = "✓" if results[i] else "✗"
-        actual = "missing" if _is_missing(actuals[i]) else repr(_jsonable(actuals[i]))
-        star = " ← decisive" if probe.pointer in decided else ""
-        lines.append(f"{mark} {leaf_texts[i]}  (actual: {actual}){star}")
+        star = " ← decisive" if i in decisive else ""
+        lines.append(f"{mark} {text}  (actual: {shown}){star}")
     return {
         "outcome": outcome,
-        "rule_text": rule_text,
-        "decided_by": decided_by,
+        "rule_text": plan.rule_text,
+        "decided_by": [plan.pointers[i] for i in decided],
         "conditions": lines,
-        "evaluated_at": now.isoformat(),
+        "evaluated_at": _isoformat(now),
     }

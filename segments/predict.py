@@ -69,10 +69,13 @@ _KEYS = f"""
     ) k
 """
 
-_COMBOS = "SELECT x, t_x, big_t, count(*) AS n FROM patron_churn_keys GROUP BY 1, 2, 3"
-_SPEND = (
-    "SELECT x, fit_spend AS m, count(*) AS n FROM patron_churn_keys"
-    " WHERE fit_spend IS NOT NULL GROUP BY 1, 2"
+_KEY_COLUMNS = (
+    "SELECT CAST(x AS integer), CAST(t_x AS integer), CAST(big_t AS integer) FROM patron_churn_keys"
+)
+# Rounded to the cent in numeric, so equal spends are equal doubles too.
+_SPEND_COLUMNS = (
+    "SELECT CAST(x AS integer), CAST(fit_spend AS double precision) FROM patron_churn_keys"
+    " WHERE fit_spend IS NOT NULL"
 )
 
 # Serialises churn runs (they build the same `member_predictions_new`); nothing else takes it.
@@ -138,19 +141,51 @@ def _prepare_keys(session: Session, as_of: date, config: ScoringConfig) -> None:
     session.execute(text("ANALYZE patron_churn_keys"))
 
 
+def _copy_out(session: Session, query: str, fields: list[tuple[str, str]]) -> np.ndarray:
+    """The rows of `query` (fixed-width, never NULL) as a numpy record array, by binary COPY.
+
+    Hundreds of thousands of rows as Python objects (or as array_agg results converted to
+    Python lists) cost several times the query; COPY's binary rows are read in one go.
+    """
+    buffer = io.BytesIO()
+    cursor = session.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+    cursor.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT binary)", buffer)
+    raw = buffer.getvalue()
+    # Signature (11 bytes), flags (4), header extension length (4) and extension; -1 at the end.
+    start = 19 + int.from_bytes(raw[15:19], "big")
+    layout: list[tuple[str, str]] = [("_fields", ">i2")]
+    for name, kind in fields:
+        layout += [(f"_{name}_len", ">i4"), (name, kind)]
+    dtype = np.dtype(layout)
+    if (len(raw) - start - 2) % dtype.itemsize:
+        raise RuntimeError(f"COPY rows of {query!r} are not {dtype.itemsize} bytes each")
+    rows = np.frombuffer(raw[start:-2], dtype=dtype)
+    for name, kind in fields:
+        # A NULL (length -1) or another column type would shift every later row.
+        if np.any(rows[f"_{name}_len"] != np.dtype(kind).itemsize):
+            raise RuntimeError(f"column {name} of {query!r} is not {kind} in every row")
+    return rows
+
+
 def member_summary(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
     """The distinct (x, t_x, T) with member counts, as arrays."""
     _prepare_keys(session, as_of, config)
-    # Four arrays in one row: converting hundreds of thousands of result rows to Python
-    # tuples costs several times what the query does.
-    row = session.execute(
-        text(
-            "SELECT array_agg(x), array_agg(t_x), array_agg(big_t), array_agg(n)"
-            f" FROM ({_COMBOS}) c"
-        )
-    ).one()
-    x, t_x, big_t, n = (np.asarray(v or [], dtype=np.float64) for v in row)
-    return {"x": x, "t_x": t_x, "T": big_t, "n": n}
+    # Grouped here rather than by a GROUP BY: most of the 800k members have a combination
+    # of their own (T is their age in days), and hashing that many groups in PostgreSQL
+    # and shipping them as arrays took ~2x reading the keys and np.unique.
+    keys = _copy_out(session, _KEY_COLUMNS, [("x", ">i4"), ("t_x", ">i4"), ("T", ">i4")])
+    combo = (
+        (keys["x"].astype(np.int64) << 40)
+        | (keys["t_x"].astype(np.int64) << 20)
+        | keys["T"].astype(np.int64)
+    )
+    unique, counts = np.unique(combo, return_counts=True)
+    return {
+        "x": (unique >> 40).astype(np.float64),
+        "t_x": ((unique >> 20) & 0xFFFFF).astype(np.float64),
+        "T": (unique & 0xFFFFF).astype(np.float64),
+        "n": counts.astype(np.float64),
+    }
 
 
 def score_churn(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
@@ -171,7 +206,13 @@ def build_predictions(session: Session, as_of: date, config: ScoringConfig) -> d
     data = member_summary(session, as_of, config)
     result: dict[str, Any] = {"combinations": len(data["x"]), "members": float(data["n"].sum())}
     try:
-        params = churn.fit_bgnbd(data["x"], data["t_x"], data["T"], weights=data["n"])
+        params = churn.fit_bgnbd(
+            data["x"],
+            data["t_x"],
+            data["T"],
+            weights=data["n"],
+            initial=_previous_fit(session, as_of),
+        )
         p_alive = churn.probability_alive(params, data["x"], data["t_x"], data["T"])
         expected = churn.expected_purchases(
             params, config.churn_horizon_days, data["x"], data["t_x"], data["T"]
@@ -215,6 +256,25 @@ def build_predictions(session: Session, as_of: date, config: ScoringConfig) -> d
     session.execute(text("DROP TABLE patron_churn_keys"))
     session.execute(text("DROP TABLE patron_churn_predictions"))
     return result
+
+
+def _previous_fit(session: Session, as_of: date) -> churn.BgNbdParams | None:
+    """The latest earlier run's BG/NBD estimates (where the fit starts), if any."""
+    fitted = session.scalar(
+        text(
+            "SELECT churn_params -> 'bgnbd' FROM score_runs"
+            " WHERE as_of < :d AND churn_params -> 'bgnbd' ? 'r'"
+            " ORDER BY as_of DESC LIMIT 1"
+        ),
+        {"d": as_of},
+    )
+    if not fitted:
+        return None
+    try:
+        r, alpha, a, b = (float(fitted[k]) for k in ("r", "alpha", "a", "b"))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return churn.BgNbdParams(r=r, alpha=alpha, a=a, b=b)
 
 
 def swap_predictions(
@@ -302,17 +362,15 @@ def _load_predictions(
 
 
 def _fit_spend(session: Session, as_of: date, config: ScoringConfig) -> dict[str, Any]:
-    row = session.execute(
-        text(
-            "SELECT array_agg(x), array_agg(CAST(m AS double precision)), array_agg(n)"
-            f" FROM ({_SPEND}) g"
-        )
-    ).one()
-    if not row[0]:
+    rows = _copy_out(session, _SPEND_COLUMNS, [("x", ">i4"), ("m", ">f8")])
+    if not len(rows):
         return {"error": "no members with repeat purchases"}
-    x, m, n = (np.asarray(v, dtype=np.float64) for v in row)
+    pairs, n = np.unique(
+        np.column_stack([rows["x"].astype(np.float64), rows["m"]]), axis=0, return_counts=True
+    )
+    x, m = pairs[:, 0], pairs[:, 1]
     try:
-        gg = churn.fit_gamma_gamma(x, m, weights=n)
+        gg = churn.fit_gamma_gamma(x, m, weights=n.astype(np.float64))
     except (ValueError, FloatingPointError) as exc:
         log.warning("Gamma-Gamma not fitted: %s", exc)
         return {"error": str(exc)}

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, current_app
-from sqlalchemy import ClauseElement, Dialect, Engine, create_engine, event
+from sqlalchemy import ClauseElement, Connection, Dialect, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -141,22 +141,29 @@ REPREPARE_AFTER_SECONDS = 60.0
 
 def execute_prepared(session: Session, statement: ClauseElement, params: Mapping[str, Any]) -> Any:
     """Run a hot-path statement (`text()` or a Core select without expanding parameters) in
-    the session's transaction; return its first row.
+    the session's transaction; return its first row (None without rows).
 
     PostgreSQL parses and plans a statement sent as text on every call; for the purchase
     statements that is over a third of the database's CPU per request. Here each pooled
     connection PREPAREs the statement (prepared statements belong to the database session
     and survive rollbacks), EXECUTEs it, and re-prepares it now and then so that its
-    plan follows the tables' growth. psycopg2 binds the values exactly as for
-    `session.execute(statement, params)`, and errors are SQLAlchemy's; rows carry no type
-    processing beyond psycopg2's own. Pass statements that live as long as the process
+    plan follows the tables' growth. Pass statements that live as long as the process
     (module level or cached): they are compiled once and cached by identity.
+
+    The statement runs on a DB-API cursor of the session's connection, not through
+    SQLAlchemy's execution: building SQLAlchemy's result for a row of the purchase's facts
+    (36 columns) cost twice the round trip itself. psycopg2 binds the values exactly as
+    for `session.execute(statement, params)`; rows are tuples with the columns also as
+    attributes (`_Row`, with `_fields` and `_mapping`) and carry no type processing beyond
+    psycopg2's own; errors are SQLAlchemy's (`DBAPIError` and its subclasses), and the
+    engine's before/after_cursor_execute listeners still see each statement (without an
+    execution context).
 
     Behind a transaction-pooling proxy (PgBouncer in transaction mode) server-side
     prepared statements do not work: PATRON_DB_PREPARED_STATEMENTS=0 sends plain text.
     """
-    result = _run_prepared(session, statement, params)
-    return result.first() if result.returns_rows else None
+    rows = _run_prepared(session, statement, params)
+    return rows[0] if rows else None
 
 
 def execute_prepared_all(
@@ -165,32 +172,104 @@ def execute_prepared_all(
     """`execute_prepared` for a statement returning many rows (e.g. one per campaign): all
     of them. Array parameters must be CAST in the statement (`CAST(:ids AS bigint[])`), so
     that the prepared statement has one type per parameter."""
-    result = _run_prepared(session, statement, params)
-    return list(result.all()) if result.returns_rows else []
+    return _run_prepared(session, statement, params)
 
 
-def _run_prepared(session: Session, statement: ClauseElement, params: Mapping[str, Any]) -> Any:
+class _Row(tuple[Any, ...]):
+    """A result row of `execute_prepared`: a tuple whose columns are also attributes."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+    _index: Mapping[str, int] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[self._index[name]]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    @property
+    def _mapping(self) -> dict[str, Any]:
+        return dict(zip(self._fields, self, strict=True))
+
+
+_ROW_TYPES: dict[tuple[str, ...], type[_Row]] = {}
+
+
+def _row_type(names: tuple[str, ...]) -> type[_Row]:
+    found = _ROW_TYPES.get(names)
+    if found is None:
+        index = {name: i for i, name in enumerate(names)}
+        found = _ROW_TYPES[names] = type(
+            "Row", (_Row,), {"__slots__": (), "_fields": names, "_index": index}
+        )
+    return found
+
+
+def _run_prepared(
+    session: Session, statement: ClauseElement, params: Mapping[str, Any]
+) -> list[Any]:
     conn = session.connection()
     prepared = _prepared(statement, conn.dialect)
-    if not conn.get_execution_options().get(PREPARE_OPTION, True):
-        return conn.exec_driver_sql(prepared.text, dict(params))
+    cursor = conn.connection.cursor()
+    try:
+        if not conn.get_execution_options().get(PREPARE_OPTION, True):
+            _execute(conn, cursor, prepared.text, params)
+        else:
+            _execute_prepared(conn, cursor, prepared, params)
+        if cursor.description is None:
+            return []
+        row = _row_type(tuple(column[0] for column in cursor.description))
+        return [row(values) for values in cursor.fetchall()]
+    finally:
+        cursor.close()
+
+
+def _execute_prepared(
+    conn: Connection, cursor: Any, prepared: _Prepared, params: Mapping[str, Any]
+) -> None:
     # name -> [monotonic time prepared, executions since]; lives as long as the connection
     state: dict[str, list[float]] = conn.connection.info.setdefault("patron_prepared", {})
     entry = state.get(prepared.name)
     now = time.monotonic()
     try:
         if entry is None:
-            conn.exec_driver_sql(prepared.prepare)
+            _execute(conn, cursor, prepared.prepare, {})
             entry = state[prepared.name] = [now, 0]
         elif entry[1] >= REPREPARE_AFTER_EXECUTIONS or now - entry[0] >= REPREPARE_AFTER_SECONDS:
-            conn.exec_driver_sql(f"DEALLOCATE {prepared.name}; {prepared.prepare}")
+            _execute(conn, cursor, f"DEALLOCATE {prepared.name}; {prepared.prepare}", {})
             entry[0], entry[1] = now, 0
         entry[1] += 1
-        return conn.exec_driver_sql(prepared.execute, dict(params))
+        _execute(conn, cursor, prepared.execute, params)
     except DBAPIError as exc:
         if getattr(exc.orig, "pgcode", None) == "26000":  # the prepared statement is gone
             state.pop(prepared.name, None)
         raise
+
+
+def _execute(conn: Connection, cursor: Any, sql: str, params: Mapping[str, Any]) -> None:
+    """cursor.execute with SQLAlchemy's cursor events and exceptions. Always with a
+    mapping, even an empty one: psycopg2 then turns the compiler's %% back into %."""
+    events = conn.dispatch
+    if events.before_cursor_execute:
+        for listener in events.before_cursor_execute:
+            listener(conn, cursor, sql, params, None, False)
+    try:
+        cursor.execute(sql, params)
+    except conn.dialect.loaded_dbapi.Error as exc:
+        invalidated = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, cursor)
+        if invalidated:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(
+            sql,
+            params,
+            exc,
+            conn.dialect.loaded_dbapi.Error,
+            connection_invalidated=invalidated,
+            dialect=conn.dialect,
+        ) from exc
+    if events.after_cursor_execute:
+        events.after_cursor_execute(conn, cursor, sql, params, None, False)
 
 
 class Database:

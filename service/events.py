@@ -39,21 +39,24 @@ class EventResult:
     replayed: bool
 
 
-def _jsonable(value: Any) -> Any:
+def _json_default(value: Any) -> Any:
+    """For json.dumps: amounts as strings, instants in ISO 8601; anything else is refused.
+
+    A `default` instead of converting the data first: json calls it only for the values
+    it cannot encode, without copying every dict and list of a request or response.
+    """
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def request_hash(payload: Mapping[str, Any]) -> bytes:
     """Hash of the canonical request, so a reused key with another body is detected."""
-    canonical = json.dumps(_jsonable(dict(payload)), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(
+        dict(payload), default=_json_default, sort_keys=True, separators=(",", ":")
+    )
     return hashlib.sha256(canonical.encode()).digest()
 
 
@@ -189,7 +192,7 @@ def _params(
         "occurred_at": payload["occurred_at"],
         "amount": payload["amount"],
         "currency": payload["currency"],
-        "items": json.dumps(_jsonable(items)) if items is not None else None,
+        "items": json.dumps(items, default=_json_default) if items is not None else None,
         "original_id": None,
     }
 
@@ -251,20 +254,18 @@ def record_purchase(
         "occurred_at": payload["occurred_at"].isoformat(),
         "member": _stats_body(stats),
         # What the till prints: coupons issued, tier change, offers (campaigns/hooks.py).
-        "rewards": _jsonable(
-            after_purchase(
-                session,
-                member_id=stats.member_id,
-                transaction_id=stats.id,
-                external_id=payload["transaction_id"],
-                payload=payload,
-                now=now,
-                tier_change=tier_change,
-                entered_segments=segment_changes.entered,
-            )
+        "rewards": after_purchase(
+            session,
+            member_id=stats.member_id,
+            transaction_id=stats.id,
+            external_id=payload["transaction_id"],
+            payload=payload,
+            now=now,
+            tier_change=tier_change,
+            entered_segments=segment_changes.entered,
         ),
     }
-    text_body = json.dumps(body)
+    text_body = json.dumps(body, default=_json_default)
     execute_prepared(session, _SAVE_RESPONSE, {"response": text_body, "id": stats.id})
     return EventResult(status=201, body=text_body, replayed=False)
 

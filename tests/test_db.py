@@ -6,8 +6,8 @@ import time
 from dataclasses import replace
 
 import pytest
-from sqlalchemy import Engine, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy import Engine, event, text
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.orm import Session
 
 from service import db as db_module
@@ -144,5 +144,26 @@ def test_statements_returning_many_rows_run_prepared_or_plain(config: Config, pr
             assert execute_prepared_all(session, _DOUBLES, {"xs": [5, None]})[0].twice == 10
             assert execute_prepared_all(session, _DOUBLES, {"xs": []}) == []
             assert len(_prepared_names(session)) == (1 if prepared else 0)
+    finally:
+        pooled.dispose()
+
+
+def test_prepared_rows_errors_and_cursor_events_are_as_through_sqlalchemy(config: Config):
+    # execute_prepared runs on the DB-API cursor: what callers and benchmarks read of
+    # SQLAlchemy's execution must still be there.
+    pooled = make_engine(replace(config, db_pool_size=1))
+    seen: list[str] = []
+    event.listen(pooled, "after_cursor_execute", lambda conn, cur, sql, *_: seen.append(sql))
+    try:
+        with Session(pooled) as session:
+            row = execute_prepared(session, _ADD, {"a": 1, "b": 2})
+            assert row == (3, "100%") and row[0] == 3
+            assert row._fields == ("total", "pct")
+            assert row._mapping == {"total": 3, "pct": "100%"}
+            with pytest.raises(AttributeError):
+                _ = row.missing
+            assert [s.split()[0] for s in seen] == ["PREPARE", "EXECUTE"]
+            with pytest.raises(DataError):  # division by zero: SQLAlchemy's class for it
+                execute_prepared(session, text("SELECT 1 / CAST(:a AS integer) AS q"), {"a": 0})
     finally:
         pooled.dispose()

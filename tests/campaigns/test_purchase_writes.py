@@ -170,3 +170,55 @@ def test_churn_conditions_read_the_predictions_outside_prepared_statements(
     missing = decisions(client, marketer, unscored, campaign=c["id"])[0]
     assert "actual: missing" in missing["detail"]["explanation"]["conditions"][0]
     assert not [p.text for p in db._PREPARED.values() if "member_predictions" in p.text]
+
+
+def test_deleting_a_campaign_or_a_member_takes_their_decisions_along(
+    client: FlaskClient, marketer: dict[str, str], pos: dict[str, str], session: Session, store: str
+) -> None:
+    # Migration 0008 dropped the decisions' foreign keys; triggers keep their cascade.
+    kept, dropped = (
+        create(
+            client,
+            marketer,
+            trigger={"type": "purchase"},
+            condition="event.amount > 10000",
+            actions={"coupon": {"template": coupon_template(session)}},
+            budget={"coupons": 10},
+        )
+        for _ in range(2)
+    )
+    activate(client, marketer, kept["id"])
+    activate(client, marketer, dropped["id"])
+    buyer = member(client, marketer, store)
+    buy(client, pos, buyer, store)
+
+    def count(where: str, **params: Any) -> int:
+        return int(
+            session.execute(
+                text(f"SELECT count(*) FROM decisions WHERE {where}"),
+                params,
+            ).scalar_one()
+        )
+
+    assert count("campaign_id = :c", c=dropped["id"]) == 1
+    session.execute(text("DELETE FROM campaigns WHERE id = :c"), {"c": dropped["id"]})
+    assert count("campaign_id = :c", c=dropped["id"]) == 0
+    assert count("campaign_id = :c", c=kept["id"]) == 1
+
+    # A member without purchases (those keep their member): a decision of their own.
+    quiet = session.execute(
+        text("SELECT id FROM members WHERE external_id = :m"),
+        {"m": member(client, marketer, store)},
+    ).scalar_one()
+    session.execute(
+        text(
+            "INSERT INTO decisions (campaign_id, campaign_version, member_id, period, trigger,"
+            " outcome, reason, decided_at) VALUES (:c, 1, :m, 'signup', 'signup', 'suppressed',"
+            " 'condition_failed', now())"
+        ),
+        {"c": kept["id"], "m": quiet},
+    )
+    assert count("member_id = :m", m=quiet) == 1
+    session.execute(text("DELETE FROM members WHERE id = :m"), {"m": quiet})
+    assert count("member_id = :m", m=quiet) == 0
+    assert count("campaign_id = :c", c=kept["id"]) == 1

@@ -126,6 +126,20 @@ def test_bgnbd_reproduces_the_published_cdnow_estimates(cdnow: Summary):
     assert round(params.log_likelihood, 1) == -9582.4
 
 
+@pytest.mark.parametrize("factor", [0.5, 0.97, 1.0, 3.0])
+def test_a_fit_started_from_earlier_estimates_finds_the_same_maximum(cdnow: Summary, factor: float):
+    # The daily refresh starts from yesterday's estimates; the answer must not depend on it.
+    cold = fit_bgnbd(cdnow.x, cdnow.t_x, cdnow.T)
+    start = BgNbdParams(
+        r=cold.r * factor, alpha=cold.alpha / factor, a=cold.a * factor, b=cold.b * factor
+    )
+    warm = fit_bgnbd(cdnow.x, cdnow.t_x, cdnow.T, initial=start)
+    assert warm.converged
+    for name in ("r", "alpha", "a", "b"):
+        assert getattr(warm, name) == pytest.approx(getattr(cold, name), rel=1e-5), name
+    assert warm.log_likelihood == pytest.approx(cold.log_likelihood, abs=1e-6)
+
+
 def test_fitted_log_likelihood_is_the_direct_formula_at_a_maximum(cdnow: Summary):
     params = fit_bgnbd(cdnow.x, cdnow.t_x, cdnow.T)
     direct = bgnbd_log_likelihood(params, cdnow.x, cdnow.t_x, cdnow.T).sum()
