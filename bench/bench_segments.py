@@ -286,7 +286,7 @@ def main() -> None:
     parser.add_argument(
         "--parallel",
         type=int,
-        default=2,
+        default=3,
         help="refresh steps run side by side (segments.refresh.STEP_AFTER); 1: in sequence",
     )
     parser.add_argument(

@@ -37,12 +37,8 @@ from sqlalchemy import (
     false,
     func,
     literal,
-    literal_column,
-    null,
-    or_,
     select,
     text,
-    true,
     tuple_,
     union,
     union_all,
@@ -50,7 +46,6 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import ARRAY, array, insert
 from sqlalchemy.orm import Session
-from sqlalchemy.sql import visitors
 from sqlalchemy.sql.elements import ColumnElement
 
 from rules import (
@@ -86,7 +81,7 @@ from service.jobs import job, job_app
 from service.models import Member, MemberStatus
 from service.redis_client import get_redis
 from service.rule_versions import rule_or_422
-from service.vocabulary import STATS, default_vocabulary, load_member_facts
+from service.vocabulary import default_vocabulary, load_member_facts
 
 log = logging.getLogger(__name__)
 
@@ -125,9 +120,6 @@ class RefreshResult:
     seconds: float
     replayed: bool = False
     skipped: str | None = None
-    # "full": every member compared with the stored memberships; "incremental": only
-    # members changed since the previous refresh (see refresh_many).
-    mode: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -512,7 +504,6 @@ def _prior_refresh(session: Session, segment_id: int, as_of: datetime) -> Refres
         seconds=run.seconds or 0.0,
         replayed=run.as_of == as_of,
         skipped=None if run.as_of == as_of else "a later refresh exists",
-        mode=run.mode,
     )
 
 
@@ -539,7 +530,7 @@ def refresh_segment(
     rule, version = _dynamic_rule(session, seg, vocab)
     refresh_id = session.scalar(
         insert(SegmentRefresh)
-        .values(segment_id=segment_id, as_of=as_of, version_id=version.id, mode="full")
+        .values(segment_id=segment_id, as_of=as_of, version_id=version.id)
         .returning(SegmentRefresh.id)
     )
     _tune_for_bulk(session)
@@ -562,7 +553,7 @@ def refresh_segment(
         seconds,
     )
     return RefreshResult(
-        segment_id, as_of, version.version, members, entered, left, refresh_id, seconds, mode="full"
+        segment_id, as_of, version.version, members, entered, left, refresh_id, seconds
     )
 
 
@@ -625,31 +616,12 @@ def _included(
 
 
 # --- the shared refresh ------------------------------------------------------------------
-#
-# Incremental refresh. Each shared refresh records the database snapshot it evaluated
-# (`segment_refreshes.snapshot`). The next one, for segments whose rules read only the
-# `members` and `member_stats` rows and whose previous refresh is of the same version:
-#
-# - members whose row or statistics row was written since that snapshot ("changed": its
-#   `xmin` is at or after the snapshot's oldest running transaction, so every writer
-#   counts, whatever columns it set) are evaluated and compared with the stored
-#   memberships, as a full refresh does;
-# - every other member's memberships are still what the previous refresh made them (only
-#   it and `refresh_member`, which follows a statistics write, change a dynamic segment's
-#   rows), so only the rules whose SQL differs between the two instants (the date moved)
-#   are evaluated, at both instants, and a difference is an entry or an exit.
-#
-# No stored membership is read for unchanged members, which is most of the work of a full
-# refresh (every (segment, member) pair compared). Anything else (a first refresh, a new
-# version, a rule reading another table, a previous refresh made one by one) is compared
-# in full, in the same pass.
 
 # Per-transaction scratch tables of the shared refresh (ON COMMIT DROP; not in the models).
 _SCAN = "patron_segment_scan"
 
-# The comparison of the pass's results with the stored memberships. `ids` of a changed
-# member (and of any member for segments compared in full) are the segments it belongs to
-# now; of an unchanged member, for incremental segments, +id entered and -id left.
+# The comparison of the pass's results (per member, the ids of the segments it belongs to
+# now) with the stored memberships of the same segments.
 _DIFF = text(
     """
     CREATE TEMPORARY TABLE patron_segment_diff ON COMMIT DROP AS
@@ -657,27 +629,17 @@ _DIFF = text(
            COALESCE(n.member_id, c.member_id) AS member_id,
            n.member_id IS NULL AS gone
     FROM (SELECT s AS segment_id, x.member_id
-          FROM patron_segment_scan x, unnest(x.ids) s
-          WHERE x.changed OR s = ANY(CAST(:full_ids AS integer[]))) n
+          FROM patron_segment_scan x, unnest(x.ids) s) n
     FULL JOIN (SELECT segment_id, member_id FROM segment_memberships
-               WHERE segment_id = ANY(CAST(:full_ids AS integer[]))
-               UNION ALL
-               SELECT sm.segment_id, sm.member_id
-               FROM segment_memberships sm
-               JOIN patron_segment_scan x ON x.member_id = sm.member_id AND x.changed
-               WHERE sm.segment_id = ANY(CAST(:incremental_ids AS integer[]))) c
+               WHERE segment_id = ANY(CAST(:ids AS integer[]))) c
            ON c.segment_id = n.segment_id AND c.member_id = n.member_id
     WHERE n.member_id IS NULL OR c.member_id IS NULL
-    UNION ALL
-    SELECT abs(s), x.member_id, s < 0
-    FROM patron_segment_scan x, unnest(x.ids) s
-    WHERE NOT x.changed AND abs(s) = ANY(CAST(:incremental_ids AS integer[]))
     """
 )
 
 # As in _apply: every CTE sees the memberships as they were before the statement, and the
 # history is written from what the DELETE / INSERT really changed (a purchase may have
-# moved a member in between, and an incremental entry may already be there).
+# moved a member in between).
 _WRITE_DIFF = text(
     """
     WITH meta AS (
@@ -711,11 +673,6 @@ _WRITE_DIFF = text(
     """
 )
 
-# Rows the incremental comparison may skip are those of these tables only.
-_MEMBER_ROWS = frozenset({"members", "member_stats"})
-# Snapshots this many transactions old are not trusted (32-bit xid ages wrap at 2**31).
-_MAX_SNAPSHOT_AGE = 2**30
-
 
 @dataclass
 class _Todo:
@@ -725,136 +682,28 @@ class _Todo:
     expr: ColumnElement[bool]
 
 
-@dataclass
-class _Incremental:
-    """Segments refreshed incrementally against the previous snapshot (see above)."""
-
-    oldest_xid: int  # the snapshot's oldest running transaction, as a 32-bit xid
-    since: datetime  # the previous refresh's instant
-    ids: set[int]
-    before: dict[int, ColumnElement[bool]]  # rules that depend on the date, as of `since`
-    ctx: SqlContext  # the context of the `before` expressions (their joins)
-
-
-def _statement(source: Any, expr: ColumnElement[Any], ctx: SqlContext) -> Select[Any]:
+def _scan(todo: list[_Todo], ctx: SqlContext, source: Any) -> Select[Any]:
+    """Per member with at least one segment: (member_id, ids of its segments)."""
     joined = source.from_clause(ctx.joins)
     for table, onclause in ctx.outer_joins:
         joined = joined.outerjoin(table, onclause)
-    return select(expr).select_from(joined)
-
-
-def _tables(statement: Select[Any]) -> set[str]:
-    return {e.name for e in visitors.iterate(statement) if isinstance(e, Table)}
-
-
-def _same_sql(a: Select[Any], b: Select[Any]) -> bool:
-    ca, cb = a.compile(dialect=postgresql.dialect()), b.compile(dialect=postgresql.dialect())
-    return str(ca) == str(cb) and ca.params == cb.params
-
-
-def _incremental_plan(
-    session: Session, todo: list[_Todo], as_of: datetime, vocab: Vocabulary, source: Any
-) -> _Incremental | None:
-    """Which segments of this pass can be refreshed incrementally, and against what."""
-    rows = session.execute(
-        text(
-            "SELECT DISTINCT ON (segment_id) segment_id, as_of, version_id, snapshot"
-            " FROM segment_refreshes WHERE segment_id = ANY(:ids) AND as_of < :as_of"
-            " ORDER BY segment_id, as_of DESC"
-        ),
-        {"ids": [t.seg.id for t in todo], "as_of": as_of},
-    ).all()
-    previous = {r.segment_id: r for r in rows}
-    groups: dict[tuple[str, datetime], list[_Todo]] = {}
-    for t in todo:
-        r = previous.get(t.seg.id)
-        if r is not None and r.snapshot is not None and r.version_id == t.version.id:
-            groups.setdefault((r.snapshot, r.as_of), []).append(t)
-    if not groups:
-        return None
-    # Segments refreshed together share a snapshot; one snapshot per pass.
-    (snapshot, since), candidates = max(groups.items(), key=lambda kv: len(kv[1]))
-    oldest = int(snapshot.split(":", 1)[0])
-    current = int(
-        session.scalar(text("SELECT CAST(pg_snapshot_xmin(pg_current_snapshot()) AS text)"))
-    )
-    if current - oldest >= _MAX_SNAPSHOT_AGE:
-        return None
-    plan = _Incremental(oldest % 2**32, since, set(), {}, SqlContext(utc_instant(since)))
-    for t in candidates:
-        now_ctx, then_ctx = SqlContext(utc_instant(as_of)), SqlContext(utc_instant(since))
-        now = _statement(source, compile_sql(t.rule, vocab, as_of, now_ctx).expr, now_ctx)
-        if not _tables(now) <= _MEMBER_ROWS:
-            continue  # e.g. a region: the stores table may have changed under the members
-        then = _statement(source, compile_sql(t.rule, vocab, since, then_ctx).expr, then_ctx)
-        plan.ids.add(t.seg.id)
-        if not _same_sql(now, then):
-            plan.before[t.seg.id] = compile_sql(t.rule, vocab, since, plan.ctx).expr
-    return plan if plan.ids else None
-
-
-def _scan(
-    todo: list[_Todo], ctx: SqlContext, plan: _Incremental | None, source: Any
-) -> Select[Any]:
-    """Per member: (member_id, changed, ids) as `_DIFF` reads them."""
-    active = source.where()
-    active = active if active is not None else true()
-    joins = set(ctx.joins)
-    if plan is not None:
-        joins |= plan.ctx.joins | {STATS}
-        # age() of a row's xmin is at most the snapshot's oldest transaction's age when the
-        # row was written by that transaction or a later one (or has no statistics row:
-        # NULL, not changed). One comparison per row, so evaluated once in the CASE below.
-        oldest: ColumnElement[int] = literal_column(f"age(CAST('{plan.oldest_xid}' AS xid))")
-        changed: ColumnElement[bool] = or_(
-            func.coalesce(func.age(literal_column("members.xmin")) <= oldest, True),
-            func.coalesce(func.age(literal_column("member_stats.xmin")) <= oldest, False),
-        )
-        incremental = plan.ids
-    else:
-        changed, incremental = false(), set()
-    joined = source.from_clause(joins)
-    outer = list(ctx.outer_joins) + (list(plan.ctx.outer_joins) if plan else [])
-    for table, onclause in outer:
-        joined = joined.outerjoin(table, onclause)
-
-    def ids(elements: Sequence[ColumnElement[Any]]) -> ColumnElement[Any]:
-        if not elements:
-            return cast(array([], type_=Integer), ARRAY(Integer))
-        return func.array_remove(array(elements), None)
-
-    exact = [case((t.expr, literal(t.seg.id)), else_=None) for t in todo]
-    unchanged: list[ColumnElement[Any]] = []
-    for t in todo:
-        if t.seg.id not in incremental:
-            unchanged.append(case((t.expr, literal(t.seg.id)), else_=None))
-        elif plan is not None and t.seg.id in plan.before:
-            before = plan.before[t.seg.id]
-            unchanged.append(
-                case(
-                    (t.expr, case((before, null()), else_=literal(t.seg.id))),
-                    else_=case((before, literal(-t.seg.id)), else_=null()),
-                )
-            )
-    empty = cast(array([], type_=Integer), ARRAY(Integer))
+    cases = [case((t.expr, literal(t.seg.id)), else_=None) for t in todo]
     inner = (
         select(
             source.id_column().label("member_id"),
-            changed.label("changed"),
-            case(
-                (~active, empty),
-                (changed, ids(exact)),
-                else_=ids(unchanged),
-            ).label("ids"),
+            func.array_remove(array(cases), None, type_=ARRAY(Integer)).label("ids"),
         )
         .select_from(joined)
-        .where(or_(active, changed))
         # A fence: without it the planner would copy the arrays into the WHERE below.
         .offset(0)
-        .subquery("per_member")
     )
-    return select(inner.c.member_id, inner.c.changed, inner.c.ids).where(
-        or_(inner.c.changed, func.cardinality(inner.c.ids) > 0)
+    active = source.where()
+    if active is not None:
+        inner = inner.where(active)
+    per_member = inner.subquery("per_member")
+    # Members in no segment (most of them for most rules) are not written at all.
+    return select(per_member.c.member_id, per_member.c.ids).where(
+        func.cardinality(per_member.c.ids) > 0
     )
 
 
@@ -863,13 +712,13 @@ def refresh_many(
 ) -> tuple[list[RefreshResult], list[int]]:
     """Refresh several dynamic segments as of one instant with one pass over the members.
 
-    One SELECT evaluates every segment's compiled rule as a column over the member source;
-    a full join of its results with the stored memberships gives who entered and who left,
-    and one statement applies both with history. The cost is one scan plus the size of the
-    memberships, instead of one scan per segment; incrementally (see above), one scan plus
-    the members changed since the previous refresh. Same guarantees as `refresh_segment`:
-    the segment rows are locked, an as_of already refreshed is replayed, an older one
-    skipped.
+    One SELECT evaluates every segment's compiled rule over the member source and keeps,
+    per member in any segment, the array of their segment ids; a full join of those
+    (segment, member) pairs with the stored memberships of the same segments gives who
+    entered and who left, and one statement applies both with history. The cost is one
+    scan plus the size of the memberships, instead of one scan per segment. Same
+    guarantees as `refresh_segment`: the segment rows are locked, an as_of already
+    refreshed is replayed, an older one skipped.
 
     Returns the results and the segments left to refresh one by one (their rules read
     segment memberships, so they must see this pass's result).
@@ -905,12 +754,7 @@ def refresh_many(
     source = vocab.source(Scope.MEMBER)
     if source is None:
         raise RuntimeError("the vocabulary has no SQL source for members")
-    plan = _incremental_plan(session, todo, as_of, vocab, source)
-    incremental = sorted(plan.ids) if plan else []
     ids = [t.seg.id for t in todo]
-    # Taken before the scan's own snapshot (each statement takes a newer one here), so a
-    # row the scan saw unchanged but written after this counts as changed next time.
-    snapshot = session.scalar(text("SELECT CAST(pg_current_snapshot() AS text)"))
     refresh_ids = dict(
         session.execute(
             insert(SegmentRefresh)
@@ -920,8 +764,6 @@ def refresh_many(
                         "segment_id": t.seg.id,
                         "as_of": as_of,
                         "version_id": t.version.id,
-                        "snapshot": snapshot,
-                        "mode": "incremental" if t.seg.id in incremental else "full",
                     }
                     for t in todo
                 ]
@@ -934,7 +776,7 @@ def refresh_many(
     session.execute(text("SET LOCAL work_mem = '256MB'"))
     for name in (_SCAN, "patron_segment_diff"):
         session.execute(text(f"DROP TABLE IF EXISTS pg_temp.{name}"))
-    scan = _scan(todo, ctx, plan, source).compile(
+    scan = _scan(todo, ctx, source).compile(
         dialect=postgresql.dialect(), compile_kwargs={"render_postcompile": True}
     )
     # No CREATE TABLE AS construct in SQLAlchemy Core: the compiled SELECT, in the driver's
@@ -947,8 +789,7 @@ def refresh_many(
     )
     session.execute(text("SET LOCAL enable_mergejoin = on"))
     session.execute(text(f"ANALYZE {_SCAN}"))
-    full = [i for i in ids if i not in set(incremental)]
-    session.execute(_DIFF, {"full_ids": full, "incremental_ids": incremental})
+    session.execute(_DIFF, {"ids": ids})
     session.execute(text("ANALYZE patron_segment_diff"))
     changed = {
         r.segment_id: (int(r.entered), int(r.left))
@@ -993,15 +834,10 @@ def refresh_many(
                 left,
                 refresh_ids[t.seg.id],
                 seconds,
-                mode="incremental" if t.seg.id in incremental else "full",
             )
         )
     log.info(
-        "%d segments refreshed together as of %s in %.2fs (%d incrementally)",
-        len(todo),
-        as_of.isoformat(),
-        seconds,
-        len(incremental),
+        "%d segments refreshed together as of %s in %.2fs", len(todo), as_of.isoformat(), seconds
     )
     return results, later
 

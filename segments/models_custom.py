@@ -138,11 +138,6 @@ class SegmentRefresh(Base):
     left: Mapped[int] = mapped_column(BigInteger, server_default=sql_text("0"))
     started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     seconds: Mapped[float | None] = mapped_column()
-    # The database snapshot the shared refresh evaluated (pg_snapshot as text), so the next
-    # one knows which member rows changed since; NULL when refreshed another way.
-    snapshot: Mapped[str | None] = mapped_column(Text)
-    # How the refresh compared memberships: "full" (every member) or "incremental".
-    mode: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (
         UniqueConstraint("segment_id", "as_of", name="uq_segment_refreshes_segment_as_of"),

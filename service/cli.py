@@ -234,7 +234,9 @@ def keys_create(role: str, store: str | None, name: str | None) -> None:
 @click.option(
     "--parallel",
     type=click.IntRange(1, 8),
-    default=2,
+    # Three, also on two cores: the steps wait on I/O and on each other's commits, and a
+    # third keeps the cores busy (1M members: 13.6 s against 18.1 s with two).
+    default=3,
     show_default=True,
     help="Independent steps run at the same time, each on its own connection.",
 )
