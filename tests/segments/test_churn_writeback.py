@@ -287,3 +287,26 @@ def test_churn_fields_agree_in_sql_and_python(
     missing = parse_rule("churn.p_alive is not set", vocab)
     query = member_query(missing, vocab, now).where(text("members.id = ANY(:i)"))
     assert set(session.scalars(query, {"i": members})) == {never}
+
+
+def test_churn_inputs_read_by_copy_equal_a_group_by_in_sql(
+    session: Session, shop: int, isolated: None, scoring: ScoringConfig
+) -> None:
+    # member_summary groups the per-member keys in numpy after a binary COPY; the counts
+    # per (x, t_x, T) must be what PostgreSQL's own GROUP BY gives.
+    for k in range(30):
+        m = add_member(session, shop)
+        for j in range(k % 4 + 1):
+            add_purchase(session, m, shop, local(AS_OF - timedelta(days=200 - 37 * j - k)), "25")
+    data = predict.member_summary(session, AS_OF, scoring)
+    mine = sorted(zip(data["x"], data["t_x"], data["T"], data["n"], strict=True))
+    theirs = sorted(
+        tuple(float(v) for v in row)
+        for row in session.execute(
+            text("SELECT x, t_x, big_t, count(*) FROM patron_churn_keys GROUP BY 1, 2, 3")
+        )
+    )
+    assert mine == theirs and sum(n for *_, n in mine) == 30
+    # Rows that would break the fixed-width reading are refused, not misread.
+    with pytest.raises(RuntimeError):
+        predict._copy_out(session, "SELECT CAST(NULL AS integer)", [("x", ">i4")])
