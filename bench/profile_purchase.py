@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy import event
 
+from bench.bench_messaging import cpu_seconds
 from service.app import create_app
 from service.auth import create_key
 from service.config import Config
@@ -103,7 +104,7 @@ def main() -> None:
     statements[0] = 0
     timed.clear()
     profile = cProfile.Profile()
-    backend_cpu = _backend_cpu(backends)
+    backend_cpu = cpu_seconds(backends)
     wall, cpu = time.perf_counter(), time.process_time()
     if not args.no_profile:
         profile.enable()
@@ -111,7 +112,7 @@ def main() -> None:
         purchase(n)
     profile.disable()
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    backend_cpu = _backend_cpu(backends) - backend_cpu
+    backend_cpu = cpu_seconds(backends) - backend_cpu
     print(
         f"{args.n} purchases: {wall / args.n * 1e3:.2f} ms wall, {cpu / args.n * 1e3:.2f} ms"
         f" Python CPU ({'not ' if args.no_profile else ''}profiled),"
@@ -127,19 +128,6 @@ def main() -> None:
     stats = pstats.Stats(profile, stream=out)
     stats.sort_stats(args.sort).print_stats(args.only, args.top)
     print(out.getvalue())
-
-
-def _backend_cpu(pids: set[int]) -> float:
-    """User + system CPU seconds of these PostgreSQL backends (0 where /proc cannot tell)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                fields = stat.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 if __name__ == "__main__":

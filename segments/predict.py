@@ -151,8 +151,8 @@ def _copy_out(session: Session, query: str, fields: list[tuple[str, str]]) -> np
     cursor = session.connection().connection.dbapi_connection.cursor()  # type: ignore[union-attr]
     cursor.copy_expert(f"COPY ({query}) TO STDOUT (FORMAT binary)", buffer)
     raw = buffer.getvalue()
-    # Signature (11 bytes), flags (4), header extension length (4) and extension; -1 at the end.
-    start = 19 + int.from_bytes(raw[15:19], "big")
+    # The header (signature, flags, extension length) and its extension; -1 at the end.
+    start = len(_COPY_SIGNATURE) + int.from_bytes(raw[15:19], "big")
     layout: list[tuple[str, str]] = [("_fields", ">i2")]
     for name, kind in fields:
         layout += [(f"_{name}_len", ">i4"), (name, kind)]

@@ -33,24 +33,18 @@ def buy(client: FlaskClient, pos: dict[str, str], m: str, store: str) -> dict[st
 def test_a_group_winner_out_of_budget_leaves_the_group_to_the_next_campaign(
     client: FlaskClient, marketer: dict[str, str], pos: dict[str, str], session: Session, store: str
 ) -> None:
-    high = create(
-        client,
-        marketer,
-        trigger={"type": "purchase"},
-        actions={"coupon": {"template": coupon_template(session)}},
-        priority=10,
-        exclusivity_group="winter",
-        budget={"coupons": 1},
-    )
-    low = create(
-        client,
-        marketer,
-        trigger={"type": "purchase"},
-        actions={"coupon": {"template": coupon_template(session)}},
-        priority=5,
-        exclusivity_group="winter",
-        budget={"coupons": 5},
-    )
+    def winter(priority: int, coupons: int) -> dict[str, Any]:
+        return create(
+            client,
+            marketer,
+            trigger={"type": "purchase"},
+            actions={"coupon": {"template": coupon_template(session)}},
+            priority=priority,
+            exclusivity_group="winter",
+            budget={"coupons": coupons},
+        )
+
+    high, low = winter(10, 1), winter(5, 5)
     activate(client, marketer, high["id"])
     activate(client, marketer, low["id"])
     first, second = member(client, marketer, store), member(client, marketer, store)
